@@ -1,0 +1,26 @@
+"""FlexAttention (ECCV'24) for Hugging Face Llava models.
+
+>>> from hf_flexattention import patch_model
+>>> model = patch_model(model, n_fa=23, threshold=48 / 255)
+"""
+
+from ._version_check import check_transformers_version
+
+
+check_transformers_version()
+
+from .configuration_flex_llava import FlexLlavaConfig  # noqa: E402
+from .modeling_flex_llava import FlexLlavaForConditionalGeneration  # noqa: E402
+from .patching import is_patched, patch_model, unpatch_model  # noqa: E402
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlexLlavaConfig",
+    "FlexLlavaForConditionalGeneration",
+    "__version__",
+    "is_patched",
+    "patch_model",
+    "unpatch_model",
+]

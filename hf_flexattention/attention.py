@@ -1,0 +1,215 @@
+"""The FlexAttention attention function, registered with transformers' `AttentionInterface`.
+
+The backbone's own attention module (Llama, Mistral, Qwen2, ...) still computes q/k/v, RoPE and the KV cache and
+then calls this function. Every row gets the backbone's plain attention (its `sdpa` or `eager` function). Only the
+few high-res rows of a forward call are then recomputed here:
+
+* in the layer below each FlexAttention layer, their plain attention over the low-res image tokens selects
+  high-res tokens for the layer above (a small side computation, never the full attention matrix);
+* in FlexAttention layers, they attend jointly to their causal keys and their selected high-res tokens,
+  projected by that layer's `hr_k_proj` / `hr_v_proj` and rotated with interpolated RoPE.
+
+Shipped as remote code with saved checkpoints: torch, transformers and relative imports only.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from .high_res import apply_rotary
+from .selection import select_high_res_tokens
+from .state import FlexCall
+
+
+FLEX_ATTENTION_PREFIX = "flexattn_"
+
+
+def flex_implementation_name(base: str) -> str:
+    """Name under which FlexAttention wraps the backbone's `base` attention implementation."""
+    return FLEX_ATTENTION_PREFIX + base
+
+
+def base_implementation_name(name: str) -> str:
+    """The backbone implementation wrapped by a FlexAttention implementation name (identity for other names)."""
+    return name.removeprefix(FLEX_ATTENTION_PREFIX)
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """Expand `(b, kv_heads, s, d)` grouped keys/values to `(b, kv_heads * groups, s, d)`."""
+    if groups == 1:
+        return states
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def _eager_attention_of(module: torch.nn.Module):
+    """The backbone's own eager attention function (the one its module falls back to)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+
+
+def _allowed_keys_of_rows(
+    call: FlexCall, attention_mask: torch.Tensor | None, q_length: int, kv_length: int, device: torch.device
+) -> torch.Tensor:
+    """`(rows_batch, rows, kv)` bool: which cached/current keys each high-res row may attend to (plain mask)."""
+    if attention_mask is None:
+        # sdpa drops the mask when it is purely causal; rebuild it lower-right aligned.
+        key_index = torch.arange(kv_length, device=device)
+        return key_index <= (call.row_index + (kv_length - q_length))[..., None]
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed[:, 0].expand(-1, q_length, -1)
+    samples = call.row_samples if attention_mask.shape[0] > 1 else torch.zeros_like(call.row_samples)
+    return allowed[samples[:, None], call.row_index]
+
+
+def _select_for_next_layer(
+    call: FlexCall,
+    layer_idx: int,
+    row_queries: torch.Tensor,
+    row_keys: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+) -> None:
+    """Store in `call.selections[layer_idx + 1]` the high-res tokens each row selects from its plain attention."""
+    with torch.no_grad():
+        keys = _repeat_kv(row_keys, row_queries.shape[1] // row_keys.shape[1])
+        scores = torch.matmul(row_queries.float(), keys.float().transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=1)  # rows_batch, rows, kv
+        state = call.state
+        image_positions = state.image_positions[call.row_images]  # rows_batch, N
+        rows = row_queries.shape[2]
+        image_attention = probabilities.gather(-1, image_positions[:, None, :].expand(-1, rows, -1))
+        sizes = None
+        if state.original_sizes is not None:
+            sizes = state.original_sizes[call.row_images].repeat_interleave(rows, dim=0)
+        selected = select_high_res_tokens(
+            image_attention.flatten(0, 1),
+            original_sizes=sizes,
+            generator=state.generator,
+            **call.selection_kwargs,
+        )
+        selected = selected.view(*image_attention.shape[:2], -1) & call.row_valid[..., None]
+        call.selections[layer_idx + 1] = selected
+        if call.trace is not None:
+            call.trace.append((layer_idx + 1, selected.sum(-1).cpu()))
+
+
+def _hierarchical_rows(
+    module: torch.nn.Module,
+    call: FlexCall,
+    selected: torch.Tensor,
+    row_queries: torch.Tensor,
+    row_keys: torch.Tensor,
+    row_values: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Joint attention of each high-res row over its causal keys and its selected high-res tokens.
+
+    Only the union of the tokens a sequence's rows selected is projected (one gather, one matmul per
+    projection). Returns `(outputs (rows_batch, rows, heads, dim), active rows mask)` or None if nothing is
+    selected.
+    """
+    union = selected.any(dim=1)  # rows_batch, M
+    counts = union.sum(dim=-1)
+    width = int(counts.max())
+    if width == 0:
+        return None
+    # Selected token indices first (in grid order), padding after them.
+    order = torch.argsort((~union).to(torch.int8), dim=-1, stable=True)[:, :width]
+    slot_valid = torch.arange(width, device=order.device) < counts[:, None]
+    state = call.state
+    images = call.row_images[:, None]
+    features = state.features[images, order].to(module.hr_k_proj.weight.dtype)  # rows_batch, U, D
+    batch, kv_heads, _, head_dim = row_keys.shape
+    hr_keys = module.hr_k_proj(features).view(batch, width, -1, head_dim).transpose(1, 2)
+    hr_values = module.hr_v_proj(features).view(batch, width, -1, head_dim).transpose(1, 2)
+    cos = state.rope_cos[images, order][:, None].to(hr_keys.dtype)
+    sin = state.rope_sin[images, order][:, None].to(hr_keys.dtype)
+    hr_keys = apply_rotary(hr_keys, cos, sin)
+
+    rows = row_queries.shape[2]
+    hr_allowed = selected.gather(-1, order[:, None, :].expand(-1, rows, -1)) & slot_valid[:, None, :]
+    active = hr_allowed.any(dim=-1) & call.row_valid
+    mask = torch.cat([allowed, hr_allowed], dim=-1) | ~active[..., None]  # inactive rows are discarded later
+    groups = row_queries.shape[1] // kv_heads
+    keys = _repeat_kv(torch.cat([row_keys, hr_keys.to(row_keys.dtype)], dim=2), groups)
+    values = _repeat_kv(torch.cat([row_values, hr_values.to(row_values.dtype)], dim=2), groups)
+    outputs = F.scaled_dot_product_attention(row_queries, keys, values, attn_mask=mask[:, None], scale=scaling)
+    return outputs.transpose(1, 2), active
+
+
+def flex_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    base_attention,
+    flex_call: FlexCall | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain attention for every row, then hierarchical attention / selection for the high-res rows."""
+    attn_output, attn_weights = base_attention(module, query, key, value, attention_mask, **kwargs)
+    layer_idx = getattr(module, "layer_idx", None)
+    if flex_call is None or layer_idx is None:
+        return attn_output, attn_weights
+    is_flex_layer = hasattr(module, "hr_k_proj") and layer_idx in flex_call.selections
+    if not (is_flex_layer or flex_call.makes_selection(layer_idx)):
+        return attn_output, attn_weights
+
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_length, kv_length = query.shape[2], key.shape[2]
+    row_queries = query.transpose(1, 2)[flex_call.row_samples[:, None], flex_call.row_index].transpose(1, 2)
+    row_keys, row_values = key[flex_call.row_samples], value[flex_call.row_samples]
+    allowed = _allowed_keys_of_rows(flex_call, attention_mask, q_length, kv_length, query.device)
+
+    if flex_call.makes_selection(layer_idx):
+        _select_for_next_layer(flex_call, layer_idx, row_queries, row_keys, allowed, scaling)
+    if not is_flex_layer:
+        return attn_output, attn_weights
+
+    result = _hierarchical_rows(
+        module, flex_call, flex_call.selections[layer_idx], row_queries, row_keys, row_values, allowed, scaling
+    )
+    if result is None:
+        return attn_output, attn_weights
+    row_outputs, active = result
+    batch_index = flex_call.row_samples[:, None].expand_as(active)[active]
+    query_index = flex_call.row_index[active]
+    hierarchical = row_outputs[active].to(attn_output.dtype)
+    if flex_call.alpha != 1.0:
+        plain = attn_output[batch_index, query_index]
+        hierarchical = plain + flex_call.alpha * (hierarchical - plain)
+    attn_output = attn_output.index_put((batch_index, query_index), hierarchical)
+    return attn_output, attn_weights
+
+
+def _flex_sdpa(module, query, key, value, attention_mask, **kwargs):
+    return flex_attention_forward(
+        module, query, key, value, attention_mask, base_attention=sdpa_attention_forward, **kwargs
+    )
+
+
+def _flex_eager(module, query, key, value, attention_mask, **kwargs):
+    return flex_attention_forward(
+        module, query, key, value, attention_mask, base_attention=_eager_attention_of(module), **kwargs
+    )
+
+
+def register_flex_attention() -> None:
+    """Register the FlexAttention wrappers of `sdpa` and `eager` (and their masks) with transformers."""
+    AttentionInterface.register(flex_implementation_name("sdpa"), _flex_sdpa)
+    AttentionInterface.register(flex_implementation_name("eager"), _flex_eager)
+    AttentionMaskInterface.register(flex_implementation_name("sdpa"), sdpa_mask)
+    AttentionMaskInterface.register(flex_implementation_name("eager"), eager_mask)

@@ -1,0 +1,157 @@
+"""`FlexLlavaConfig`: a `LlavaConfig` that carries the FlexAttention settings.
+
+This file is shipped as remote code next to saved checkpoints, so it imports only torch, transformers, the
+standard library and sibling files (relatively).
+"""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+
+SELECTION_MODES = ("threshold", "topk", "random")
+SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
+
+# The released checkpoint pools a 24x24 low-res attention map to 9x9 cells; other grids keep that ratio.
+RELEASED_SELECTION_GRID_RATIO = 9 / 24
+# The released checkpoint keeps the first 9 decoder layers plain (32 layers, 23 FlexAttention layers).
+RELEASED_PLAIN_LAYERS = 9
+
+
+def default_selection_grid(low_res_grid: int) -> int:
+    """The selection grid the released model uses (9 for a 24x24 low-res grid), scaled to `low_res_grid`."""
+    return max(1, round(low_res_grid * RELEASED_SELECTION_GRID_RATIO))
+
+
+def validate_flex_settings(
+    *,
+    num_layers: int,
+    n_fa: int,
+    threshold: float,
+    zoom: int,
+    selection: str,
+    selection_grid: int | None,
+    low_res_grid: int,
+    topk_ratio: float,
+    random_p: float,
+    warmup: float,
+) -> None:
+    """Raise a `ValueError`/`TypeError` naming the fix for any FlexAttention setting that cannot work."""
+    if isinstance(n_fa, bool) or not isinstance(n_fa, int):
+        raise TypeError(f"`n_fa` must be an int (number of FlexAttention layers at the top), got {type(n_fa).__name__}.")
+    if not 0 <= n_fa <= num_layers - 1:
+        raise ValueError(
+            f"`n_fa={n_fa}` is out of range for a language model with {num_layers} decoder layers: use "
+            f"0 <= n_fa <= {num_layers - 1} (the first selection is taken from the layer below the first FlexAttention "
+            f"layer, so at least one layer stays plain; the released LLaVA-1.5-7B model uses n_fa=23 of 32)."
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"`threshold` must be a float in [0, 1), got {type(threshold).__name__}.")
+    if not 0.0 <= threshold < 1.0:
+        hint = f" The official code's `threshold:{threshold:g}` is on a 0-255 scale: pass {threshold:g}/255." if (
+            1.0 <= threshold <= 255.0
+        ) else ""
+        raise ValueError(f"`threshold={threshold}` must lie in [0, 1) (normalised attention is compared to it).{hint}")
+    if isinstance(zoom, bool) or not isinstance(zoom, int):
+        raise TypeError(f"`zoom` must be an int (high-res side / low-res side), got {type(zoom).__name__}.")
+    if zoom < 1:
+        raise ValueError(f"`zoom={zoom}` must be >= 1 (the released model uses zoom=3: 1008 px over a 336 px tower).")
+    if selection not in SELECTION_MODES:
+        raise ValueError(f"`selection={selection!r}` is not supported: use one of {SELECTION_MODES}.")
+    if selection_grid is not None:
+        if isinstance(selection_grid, bool) or not isinstance(selection_grid, int):
+            raise TypeError(f"`selection_grid` must be an int or None, got {type(selection_grid).__name__}.")
+        if not 1 <= selection_grid <= low_res_grid:
+            raise ValueError(
+                f"`selection_grid={selection_grid}` must lie in [1, {low_res_grid}] (the low-res token grid side); "
+                f"leave it None for the released ratio ({default_selection_grid(low_res_grid)} here)."
+            )
+    if not 0.0 < topk_ratio <= 1.0:
+        raise ValueError(f"`topk_ratio={topk_ratio}` must lie in (0, 1] (fraction of low-res cells kept).")
+    if not 0.0 <= random_p <= 1.0:
+        raise ValueError(f"`random_p={random_p}` must lie in [0, 1] (probability that a cell is selected).")
+    if warmup < 0:
+        raise ValueError(f"`warmup={warmup}` must be >= 0 (alpha = min(1, epoch * warmup); the release uses 10).")
+
+
+@strict
+class FlexLlavaConfig(LlavaConfig):
+    r"""
+    A [`LlavaConfig`] with the settings of FlexAttention (Li et al., ECCV 2024).
+
+    Args:
+        flex_n_fa (`int`, *optional*):
+            Number of FlexAttention (hierarchical) layers at the top of the language model. `0` means patched but
+            inert. Defaults to the released model's rule: every layer but the first 9.
+        flex_threshold (`float`, *optional*, defaults to 48/255):
+            Cells of the min-max normalised attention map strictly above this value are selected.
+        flex_zoom (`int`, *optional*, defaults to 3):
+            High-res image side over the vision tower's input side (1008 / 336).
+        flex_selection (`str`, *optional*, defaults to `"threshold"`):
+            `"threshold"` (the paper), `"topk"` (a fixed fraction of cells) or `"random"` (the paper's ablation).
+        flex_selection_grid (`int`, *optional*):
+            Side of the grid the selection is max-pooled to. Defaults to 3/8 of the low-res grid (9 for 24).
+        flex_topk_ratio (`float`, *optional*, defaults to 0.1):
+            Fraction of low-res cells kept by `"topk"`.
+        flex_random_p (`float`, *optional*, defaults to 0.1):
+            Probability that a selection cell is kept by `"random"`.
+        flex_random_seed (`int`, *optional*, defaults to 0):
+            Seed of `"random"` selection (one generator per forward call).
+        flex_warmup (`float`, *optional*, defaults to 10.0):
+            Training warm-up rate: `alpha = min(1, epoch * warmup)`.
+    """
+
+    model_type = "flex_llava"
+
+    flex_n_fa: int | None = None
+    flex_threshold: float = 48 / 255
+    flex_zoom: int = 3
+    flex_selection: Literal["threshold", "topk", "random"] = "threshold"
+    flex_selection_grid: int | None = None
+    flex_topk_ratio: float = 0.1
+    flex_random_p: float = 0.1
+    flex_random_seed: int = 0
+    flex_warmup: float = 10.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.flex_n_fa is None:
+            self.flex_n_fa = max(0, self.text_config.num_hidden_layers - RELEASED_PLAIN_LAYERS)
+        validate_flex_settings(
+            num_layers=self.text_config.num_hidden_layers,
+            n_fa=self.flex_n_fa,
+            threshold=self.flex_threshold,
+            zoom=self.flex_zoom,
+            selection=self.flex_selection,
+            selection_grid=self.flex_selection_grid,
+            low_res_grid=self.low_res_grid,
+            topk_ratio=self.flex_topk_ratio,
+            random_p=self.flex_random_p,
+            warmup=self.flex_warmup,
+        )
+
+    @property
+    def low_res_grid(self) -> int:
+        """Side of the low-res image-token grid (24 for CLIP-L/14 at 336 px)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def high_res_grid(self) -> int:
+        """Side of the high-res token grid (72 for zoom 3)."""
+        return self.flex_zoom * self.low_res_grid
+
+    @property
+    def resolved_selection_grid(self) -> int:
+        """`flex_selection_grid`, or the released ratio's default when it is None."""
+        if self.flex_selection_grid is not None:
+            return self.flex_selection_grid
+        return default_selection_grid(self.low_res_grid)
+
+    @property
+    def first_flex_layer(self) -> int:
+        """Index of the first hierarchical layer (`num_layers` when `flex_n_fa == 0`)."""
+        return self.text_config.num_hidden_layers - self.flex_n_fa
+
+
+__all__ = ["FlexLlavaConfig"]

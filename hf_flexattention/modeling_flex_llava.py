@@ -1,0 +1,450 @@
+"""`FlexLlavaForConditionalGeneration`: a Llava model whose upper decoder layers use FlexAttention.
+
+Shipped as remote code with saved checkpoints (`trust_remote_code=True` loads it without the plugin installed), so
+it imports only torch, transformers, the standard library and sibling files (relatively). Importing it registers
+the config and model with the Auto classes, the attention functions, and the llava checkpoint conversion mapping.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .attention import (
+    FLEX_ATTENTION_PREFIX,
+    base_implementation_name,
+    flex_implementation_name,
+    register_flex_attention,
+)
+from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION, FlexLlavaConfig
+from .high_res import encode_high_res_features, interpolate_rotary
+from .state import CACHE_ATTRIBUTE, FlexCall, FlexState
+
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+HIGH_RES_PROJECTIONS = {"hr_k_proj": "k_proj", "hr_v_proj": "v_proj"}
+
+
+def text_decoder_layers(model: LlavaForConditionalGeneration) -> nn.ModuleList:
+    """The decoder layers of a Llava model's language model."""
+    return model.model.language_model.layers
+
+
+def sync_high_res_projections(model: LlavaForConditionalGeneration, n_fa: int) -> None:
+    """Give exactly the top `n_fa` layers `hr_k_proj` / `hr_v_proj`, new ones as copies of `k_proj` / `v_proj`."""
+    layers = text_decoder_layers(model)
+    first_flex_layer = len(layers) - n_fa
+    for index, layer in enumerate(layers):
+        attention = layer.self_attn
+        for name, source in HIGH_RES_PROJECTIONS.items():
+            if index < first_flex_layer:
+                if hasattr(attention, name):
+                    delattr(attention, name)
+            elif not hasattr(attention, name):
+                original = getattr(attention, source)
+                projection = nn.Linear(
+                    original.in_features,
+                    original.out_features,
+                    bias=original.bias is not None,
+                    device=original.weight.device,
+                    dtype=original.weight.dtype,
+                )
+                with torch.no_grad():
+                    if original.weight.device.type != "meta":
+                        projection.weight.copy_(original.weight)
+                        if original.bias is not None:
+                            projection.bias.copy_(original.bias)
+                projection.weight.requires_grad_(original.weight.requires_grad)
+                setattr(attention, name, projection)
+
+
+def install_flex_attention(model: LlavaForConditionalGeneration) -> None:
+    """Route the language model's attention through FlexAttention, keeping its `sdpa`/`eager` implementation."""
+    text_config = model.config.text_config
+    current = text_config._attn_implementation or "sdpa"
+    base = base_implementation_name(current)
+    if base not in SUPPORTED_BASE_ATTENTION:
+        raise ValueError(
+            f"FlexAttention cannot serve the language model's attn_implementation={current!r}: it supports "
+            f"{SUPPORTED_BASE_ATTENTION}. Load the model with attn_implementation='sdpa' (or call "
+            "`model.set_attn_implementation({'text_config': 'sdpa'})`) before patching."
+        )
+    text_config._attn_implementation_internal = flex_implementation_name(base)
+
+
+class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """A [`LlavaForConditionalGeneration`] with FlexAttention in its top `config.flex_n_fa` decoder layers.
+
+    The image enters the language model as low-resolution tokens only (`pixel_values`, as in stock Llava). The
+    high-resolution image (`high_res_pixel_values`) is encoded tile by tile into a grid of features that never
+    enters the sequence; in FlexAttention layers, the rows that predict answer tokens also attend to the
+    high-res tokens that their attention in the layer below selected.
+
+    Example:
+
+    ```python
+    >>> from hf_flexattention import FlexLlavaProcessor, patch_model
+    >>> model = patch_model(LlavaForConditionalGeneration.from_pretrained("llava-hf/llava-1.5-7b-hf"), n_fa=23)
+    >>> processor = FlexLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf"))
+    >>> inputs = processor(images=image, text="USER: <image>\\nWhat is written here? ASSISTANT:", return_tensors="pt")
+    >>> model.generate(**inputs, max_new_tokens=20)
+    ```
+    """
+
+    config_class = FlexLlavaConfig
+
+    def __init__(self, config: FlexLlavaConfig):
+        super().__init__(config)
+        sync_high_res_projections(self, config.flex_n_fa)
+        install_flex_attention(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load like any transformers model; from a stock Llava checkpoint the hr projections copy k/v."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(loading_info.get("missing_keys", ()))
+        initialised = model._copy_missing_high_res_projections(missing)
+        if initialised:
+            loading_info["missing_keys"] = type(loading_info["missing_keys"])(
+                key for key in loading_info["missing_keys"] if key not in initialised
+            )
+            logger.info(f"Initialised {len(initialised)} high-res projection tensors from k_proj/v_proj.")
+        return (model, loading_info) if output_loading_info else model
+
+    def _copy_missing_high_res_projections(self, missing_keys: set[str]) -> set[str]:
+        """Copy `k_proj`/`v_proj` into hr projections the checkpoint did not contain; return their keys."""
+        initialised = set()
+        prefix = "model.language_model.layers"
+        for index, layer in enumerate(text_decoder_layers(self)):
+            for name, source in HIGH_RES_PROJECTIONS.items():
+                projection = getattr(layer.self_attn, name, None)
+                if projection is None:
+                    continue
+                keys = {f"{prefix}.{index}.self_attn.{name}.{p}" for p, _ in projection.named_parameters()}
+                if keys & missing_keys:
+                    original = getattr(layer.self_attn, source)
+                    with torch.no_grad():
+                        projection.load_state_dict(original.state_dict())
+                    initialised |= keys
+        return initialised
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """Set the attention implementation; the language model keeps FlexAttention around `sdpa`/`eager`."""
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+        install_flex_attention(self)
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.Tensor) -> Cache:
+        cache.reorder_cache(beam_idx)
+        state = getattr(cache, CACHE_ATTRIBUTE, None)
+        if state is not None:
+            state.reorder(beam_idx)
+        return cache
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """[`GenerationMixin.generate`], marking where the answer starts so cache-less decoding matches."""
+        if kwargs.get("flex_answer_start") is None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if prompt is not None:
+                kwargs["flex_answer_start"] = prompt.shape[1]
+        return super().generate(inputs, *args, **kwargs)
+
+    def encode_high_res(
+        self,
+        high_res_pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> torch.Tensor:
+        """Encode `(n, 3, zoom*S, zoom*S)` images into `(n, (zoom*g)**2, D)` high-res features (no gradient)."""
+        tile_size = self.config.vision_config.image_size
+        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+
+        def encode_tiles(tiles: torch.Tensor) -> torch.Tensor:
+            outputs = self.model.get_image_features(
+                pixel_values=tiles.to(self.dtype),
+                vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy,
+                return_dict=True,
+            )
+            return torch.stack(list(outputs.pooler_output))
+
+        with torch.no_grad():
+            return encode_high_res_features(encode_tiles, high_res_pixel_values, tile_size)
+
+    def _validate_high_res_inputs(
+        self, input_ids: torch.Tensor | None, high_res_pixel_values: torch.Tensor, original_image_sizes
+    ) -> torch.Tensor:
+        """Check the high-res inputs against the prompt; return the `(batch,)` image index of each sequence."""
+        if input_ids is None:
+            raise ValueError("`high_res_pixel_values` needs `input_ids` (to locate the image tokens), not `inputs_embeds`.")
+        if not isinstance(high_res_pixel_values, torch.Tensor) or high_res_pixel_values.ndim != 4:
+            raise TypeError(
+                "`high_res_pixel_values` must be a (n_images, 3, H, W) tensor, as returned by FlexLlavaProcessor."
+            )
+        expected = self.config.flex_zoom * self.config.vision_config.image_size
+        if tuple(high_res_pixel_values.shape[-2:]) != (expected, expected):
+            raise ValueError(
+                f"`high_res_pixel_values` has size {tuple(high_res_pixel_values.shape[-2:])}, but flex_zoom="
+                f"{self.config.flex_zoom} times the vision tower's {self.config.vision_config.image_size} px is "
+                f"{expected}: preprocess with FlexLlavaProcessor (same zoom) or re-patch with a matching zoom."
+            )
+        tokens_per_image = self.config.low_res_grid**2
+        image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
+        if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
+            raise ValueError(
+                f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (one image per sample), got "
+                f"{image_tokens.tolist()}. FlexAttention supports one image per sample: split multi-image samples."
+            )
+        has_image = image_tokens > 0
+        n_images = int(has_image.sum())
+        if high_res_pixel_values.shape[0] != n_images:
+            raise ValueError(
+                f"`high_res_pixel_values` holds {high_res_pixel_values.shape[0]} images but the prompts hold "
+                f"{n_images}: pass one high-res image per sample that has an image, in batch order."
+            )
+        if original_image_sizes is not None and tuple(original_image_sizes.shape) != (n_images, 2):
+            raise ValueError(
+                f"`original_image_sizes` must have shape ({n_images}, 2) of (height, width), got "
+                f"{tuple(original_image_sizes.shape)}."
+            )
+        return torch.where(has_image, has_image.long().cumsum(0) - 1, -1)
+
+    def _build_state(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        high_res_pixel_values: torch.Tensor,
+        original_image_sizes: torch.Tensor | None,
+        vision_feature_layer,
+        vision_feature_select_strategy,
+    ) -> FlexState:
+        sample_image = self._validate_high_res_inputs(input_ids, high_res_pixel_values, original_image_sizes)
+        features = self.encode_high_res(high_res_pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        image_rows = (sample_image >= 0).nonzero().squeeze(1)
+        is_image_token = input_ids[image_rows] == self.config.image_token_id
+        image_positions = is_image_token.nonzero()[:, 1].view(len(image_rows), -1)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        position_ids = position_ids.expand(input_ids.shape[0], -1)[image_rows]
+        rotary_positions = position_ids.gather(1, image_positions)
+        cos, sin = self.model.language_model.rotary_emb(features.float(), position_ids=rotary_positions)
+        generator = None
+        if self.config.flex_selection == "random":
+            generator = torch.Generator().manual_seed(self.config.flex_random_seed)
+        return FlexState(
+            features=features,
+            rope_cos=interpolate_rotary(cos, self.config.high_res_grid),
+            rope_sin=interpolate_rotary(sin, self.config.high_res_grid),
+            image_positions=image_positions,
+            original_sizes=original_image_sizes,
+            sample_image=sample_image,
+            generator=generator,
+        )
+
+    def _high_res_rows(
+        self,
+        state: FlexState,
+        q_length: int,
+        past_length: int,
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        flex_answer_start: int | None,
+    ) -> torch.Tensor:
+        """`(batch, q)` bool: the rows of this call that predict answer tokens (DESIGN.md section 2.4)."""
+        device = state.sample_image.device
+        batch = state.sample_image.shape[0]
+        query_positions = torch.arange(q_length, device=device) + past_length
+        real = torch.ones(batch, q_length, dtype=torch.bool, device=device)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            real = attention_mask[:, -q_length:].to(device=device, dtype=torch.bool)
+        if labels is not None:
+            rows = torch.zeros(batch, q_length, dtype=torch.bool, device=device)
+            rows[:, :-1] = labels[:, 1:].to(device) != IGNORE_INDEX
+        elif flex_answer_start is not None:
+            rows = (query_positions + 1 >= flex_answer_start)[None].expand(batch, -1)
+        else:
+            last_real = q_length - 1 - real.flip(1).int().argmax(dim=1)
+            rows = torch.arange(q_length, device=device)[None] == last_real[:, None]
+        return rows & real & (state.sample_image >= 0)[:, None]
+
+    def _flex_alpha(self) -> float:
+        """Warm-up blend weight of the hierarchical output: `min(1, progress * warmup)` in training, else 1."""
+        progress = getattr(self, "flex_training_progress", None)
+        if not self.training or progress is None:
+            return 1.0
+        return min(1.0, float(progress) * self.config.flex_warmup)
+
+    def _prepare_flex_call(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache,
+        labels,
+        high_res_pixel_values,
+        original_image_sizes,
+        flex_answer_start,
+        vision_feature_layer,
+        vision_feature_select_strategy,
+        use_cache,
+    ) -> tuple[FlexCall | None, Cache | None]:
+        """Build this call's FlexAttention view (None when no row can attend to high-res tokens)."""
+        if self.config.flex_n_fa == 0:
+            return None, cache
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if high_res_pixel_values is not None:
+            if past_length > 0:
+                raise ValueError(
+                    "`high_res_pixel_values` must come with the whole prompt (prefill), not with a cache that already "
+                    "holds tokens: start generation from an empty cache."
+                )
+            state = self._build_state(
+                input_ids,
+                position_ids,
+                high_res_pixel_values,
+                original_image_sizes,
+                vision_feature_layer,
+                vision_feature_select_strategy,
+            )
+            if cache is None and use_cache and not (self.is_activation_checkpointing and self.training):
+                cache = DynamicCache(config=self.config.text_config)
+            if cache is not None:
+                setattr(cache, CACHE_ATTRIBUTE, state)
+        elif cache is not None and past_length > 0:
+            state = getattr(cache, CACHE_ATTRIBUTE, None)
+        else:
+            if cache is not None and getattr(cache, CACHE_ATTRIBUTE, None) is not None:
+                setattr(cache, CACHE_ATTRIBUTE, None)  # a fresh prompt never sees an earlier image
+            state = None
+        if state is None:
+            return None, cache
+
+        q_length = (input_ids if input_ids is not None else attention_mask).shape[1]
+        if labels is not None and tuple(labels.shape) != (state.sample_image.shape[0], q_length):
+            raise ValueError(
+                f"`labels` has shape {tuple(labels.shape)} but `input_ids` has shape "
+                f"({state.sample_image.shape[0]}, {q_length}): labels must align token by token with input_ids."
+            )
+        rows = self._high_res_rows(state, q_length, past_length, labels, attention_mask, flex_answer_start)
+        counts = rows.sum(dim=1)
+        row_samples = (counts > 0).nonzero().squeeze(1)
+        if row_samples.numel() == 0:
+            return None, cache
+        width = int(counts.max())
+        order = torch.argsort((~rows[row_samples]).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=order.device) < counts[row_samples][:, None]
+        call = FlexCall(
+            state=state,
+            row_samples=row_samples,
+            row_index=order,
+            row_valid=valid,
+            alpha=self._flex_alpha(),
+            first_flex_layer=self.config.first_flex_layer,
+            num_layers=self.config.text_config.num_hidden_layers,
+            selection_kwargs={
+                "high_res_grid": self.config.high_res_grid,
+                "selection_grid": self.config.resolved_selection_grid,
+                "mode": self.config.flex_selection,
+                "threshold": self.config.flex_threshold,
+                "topk_ratio": self.config.flex_topk_ratio,
+                "random_p": self.config.flex_random_p,
+            },
+        )
+        return call, cache
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        high_res_pixel_values: torch.Tensor | None = None,
+        original_image_sizes: torch.Tensor | None = None,
+        flex_answer_start: int | None = None,
+        **kwargs,
+    ):
+        r"""
+        The stock Llava forward, plus:
+
+        high_res_pixel_values (`torch.Tensor` of shape `(n_images, 3, zoom * S, zoom * S)`, *optional*):
+            The square-padded high-res image of each sample that has an image, in batch order (from
+            [`FlexLlavaProcessor`]). Only needed at prefill; generate drops it at decode steps.
+        original_image_sizes (`torch.LongTensor` of shape `(n_images, 2)`, *optional*):
+            (height, width) of each image before padding, so the padding margin is never selected.
+        flex_answer_start (`int`, *optional*):
+            Sequence index of the first answer token: every row that predicts a token at or after it attends to
+            high-res tokens. `generate` sets it to the prompt length. Without it (and without `labels`), only the
+            last row does; with `labels`, every row that predicts a supervised token does.
+        flex_trace (`list`, *optional*, keyword only):
+            If given, receives `(layer_index, selected token count per high-res row)` for each FlexAttention layer.
+        """
+        trace = kwargs.pop("flex_trace", None)
+        use_cache = kwargs.get("use_cache", self.config.text_config.use_cache)
+        flex_call, cache = self._prepare_flex_call(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            labels,
+            high_res_pixel_values,
+            original_image_sizes,
+            flex_answer_start,
+            vision_feature_layer,
+            vision_feature_select_strategy,
+            use_cache,
+        )
+        if flex_call is not None:
+            flex_call.trace = trace
+            kwargs["flex_call"] = flex_call
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+def _register() -> None:
+    register_flex_attention()
+    for key in ("flex_llava", "FlexLlavaForConditionalGeneration"):
+        try:
+            register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping("llava"))
+        except ValueError:  # already registered: a re-import, or the plugin next to remote code
+            pass
+    try:
+        AutoConfig.register("flex_llava", FlexLlavaConfig)
+        AutoModelForImageTextToText.register(FlexLlavaConfig, FlexLlavaForConditionalGeneration)
+    except ValueError:
+        pass
+
+
+_register()
+
+__all__ = ["FLEX_ATTENTION_PREFIX", "FlexLlavaForConditionalGeneration"]

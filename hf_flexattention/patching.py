@@ -1,0 +1,173 @@
+"""`patch_model` / `unpatch_model` / `is_patched`: turn a loaded Llava model into a FlexAttention model in place.
+
+Patching swaps the class of the model (to `FlexLlavaForConditionalGeneration`) and of its config (to
+`FlexLlavaConfig`) instead of rebuilding anything, so every weight, hook, device placement and sub-config
+reference stays as it is; it adds `hr_k_proj` / `hr_v_proj` (copies of `k_proj` / `v_proj`) to the top `n_fa`
+decoder layers and routes the language model's attention through FlexAttention.
+"""
+
+import dataclasses
+
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from .attention import base_implementation_name
+from .configuration_flex_llava import FlexLlavaConfig, validate_flex_settings
+from .modeling_flex_llava import (
+    FlexLlavaForConditionalGeneration,
+    install_flex_attention,
+    sync_high_res_projections,
+    text_decoder_layers,
+)
+
+
+SUPPORTED_MODEL_CLASSES = (LlavaForConditionalGeneration,)
+_ORIGINAL_CLASSES = "_flex_original_classes"
+
+
+def _flex_fields() -> list[str]:
+    parent = {field.name for field in dataclasses.fields(LlavaConfig)}
+    return [field.name for field in dataclasses.fields(FlexLlavaConfig) if field.name not in parent]
+
+
+def _reject_peft(model) -> None:
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional at run time
+        return
+    if isinstance(model, PeftModel) or any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "This model already carries PEFT adapters. Call `patch_model` on the base Llava model first, then "
+            "`get_peft_model` (the hr projections must exist before LoRA wraps the attention)."
+        )
+
+
+def _check_supported(model) -> None:
+    if not isinstance(model, SUPPORTED_MODEL_CLASSES) or type(model) not in (
+        LlavaForConditionalGeneration,
+        FlexLlavaForConditionalGeneration,
+    ):
+        raise TypeError(
+            f"patch_model supports LlavaForConditionalGeneration models (LLaVA-1.5 style, one image grid, with a "
+            f"Llama, Mistral or Qwen2 language model); got {type(model).__name__}. Load the checkpoint with "
+            "`LlavaForConditionalGeneration.from_pretrained(...)`."
+        )
+    for layer in text_decoder_layers(model):
+        attention = getattr(layer, "self_attn", None)
+        if attention is None or not all(hasattr(attention, name) for name in ("k_proj", "v_proj", "layer_idx")):
+            raise TypeError(
+                "The language model's decoder layers must have `self_attn` with `k_proj`, `v_proj` and `layer_idx` "
+                f"(Llama/Mistral/Qwen2 style); {type(layer).__name__} does not."
+            )
+
+
+def patch_model(
+    model: LlavaForConditionalGeneration,
+    n_fa: int,
+    threshold: float = 48 / 255,
+    *,
+    zoom: int = 3,
+    selection: str = "threshold",
+    selection_grid: int | None = None,
+    topk_ratio: float = 0.1,
+    random_p: float = 0.1,
+    random_seed: int = 0,
+    warmup: float = 10.0,
+) -> FlexLlavaForConditionalGeneration:
+    """Turn a loaded Llava model into a FlexAttention model, in place, and return it.
+
+    Args:
+        model: a `LlavaForConditionalGeneration` (patch it before `get_peft_model`).
+        n_fa: number of FlexAttention layers at the top of the language model (`0` = patched but inert;
+            the released LLaVA-1.5-7B model uses 23 of 32).
+        threshold: normalised-attention threshold in [0, 1) (the official `48` means `48 / 255`).
+        zoom: high-res side over the vision tower's input side (3: 1008 px for a 336 px tower).
+        selection: `"threshold"` (paper), `"topk"` (fixed fraction `topk_ratio` of cells) or `"random"`
+            (ablation: each cell with probability `random_p`, seeded by `random_seed`).
+        selection_grid: side of the grid the selection is max-pooled to; None = the release's 3/8 of the
+            low-res grid (9 for 24).
+        warmup: training warm-up rate, `alpha = min(1, epoch * warmup)`.
+
+    Patching an already patched model with the same settings does nothing; with other settings it
+    re-configures it (layers that stop being FlexAttention layers lose their hr projections).
+
+    Example:
+
+    ```python
+    >>> model = LlavaForConditionalGeneration.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)
+    >>> model = patch_model(model, n_fa=23, threshold=48 / 255)
+    ```
+    """
+    _reject_peft(model)
+    _check_supported(model)
+    config = model.config
+    low_res_grid = config.vision_config.image_size // config.vision_config.patch_size
+    settings = {
+        "flex_n_fa": n_fa,
+        "flex_threshold": float(threshold) if isinstance(threshold, int) and not isinstance(threshold, bool) else threshold,
+        "flex_zoom": zoom,
+        "flex_selection": selection,
+        "flex_selection_grid": selection_grid,
+        "flex_topk_ratio": topk_ratio,
+        "flex_random_p": random_p,
+        "flex_random_seed": random_seed,
+        "flex_warmup": float(warmup),
+    }
+    validate_flex_settings(
+        num_layers=config.text_config.num_hidden_layers,
+        n_fa=n_fa,
+        threshold=threshold,
+        zoom=zoom,
+        selection=selection,
+        selection_grid=selection_grid,
+        low_res_grid=low_res_grid,
+        topk_ratio=topk_ratio,
+        random_p=random_p,
+        warmup=warmup,
+    )
+    if is_patched(model):
+        if all(getattr(config, name) == value for name, value in settings.items()):
+            return model
+    else:
+        install_flex_attention(model)  # validates the attention implementation before anything changes
+        setattr(
+            model,
+            _ORIGINAL_CLASSES,
+            (type(model), type(config), config.text_config._attn_implementation_internal),
+        )
+        text_config = config.text_config
+        text_config._attn_implementation_internal = base_implementation_name(text_config._attn_implementation)
+        config.__class__ = FlexLlavaConfig
+        model.__class__ = FlexLlavaForConditionalGeneration
+    for name, value in settings.items():
+        object.__setattr__(config, name, value)
+    sync_high_res_projections(model, n_fa)
+    install_flex_attention(model)
+    return model
+
+
+def unpatch_model(model: FlexLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Undo `patch_model` in place: original class, config and state dict (hr projections removed)."""
+    if not is_patched(model):
+        raise ValueError("This model is not patched with FlexAttention: there is nothing to unpatch.")
+    model_class, config_class, attn_implementation = getattr(
+        model, _ORIGINAL_CLASSES, (LlavaForConditionalGeneration, LlavaConfig, None)
+    )
+    sync_high_res_projections(model, 0)
+    config = model.config
+    for name in _flex_fields():
+        config.__dict__.pop(name, None)
+    config.__class__ = config_class
+    text_config = config.text_config
+    text_config._attn_implementation_internal = attn_implementation or base_implementation_name(
+        text_config._attn_implementation
+    )
+    model.__class__ = model_class
+    if hasattr(model, _ORIGINAL_CLASSES):
+        delattr(model, _ORIGINAL_CLASSES)
+    return model
+
+
+def is_patched(model) -> bool:
+    """Whether `model` is a FlexAttention model (patched in place, or loaded as one)."""
+    return isinstance(model, FlexLlavaForConditionalGeneration)

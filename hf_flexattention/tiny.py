@@ -1,0 +1,126 @@
+"""Tiny random Llava models built in code, for the demo, the tests and the benchmarks (no download)."""
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    Qwen2Config,
+)
+
+
+TEXT_BACKBONES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+TINY_VOCAB_SIZE = 96
+TINY_IMAGE_TOKEN_ID = TINY_VOCAB_SIZE - 1
+TINY_PAD_TOKEN_ID = 0
+
+
+def tiny_llava_config(
+    backbone: str = "llama",
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 32,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    image_size: int = 32,
+    patch_size: int = 4,
+) -> LlavaConfig:
+    """A small `LlavaConfig`: CLIP at `image_size`/`patch_size` (an 8x8 token grid by default) and a `backbone`
+    language model (`"llama"`, `"mistral"` or `"qwen2"`, grouped-query attention by default)."""
+    if backbone not in TEXT_BACKBONES:
+        raise ValueError(f"Unknown backbone {backbone!r}: use one of {sorted(TEXT_BACKBONES)}.")
+    text_kwargs = {
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 1024,
+        "pad_token_id": TINY_PAD_TOKEN_ID,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if backbone in ("mistral", "qwen2"):
+        text_kwargs["sliding_window"] = None
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=TEXT_BACKBONES[backbone](**text_kwargs),
+        image_token_index=TINY_IMAGE_TOKEN_ID,
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_tiny_llava(
+    backbone: str = "llama",
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **config_kwargs,
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised (seeded) tiny `LlavaForConditionalGeneration` in eval mode."""
+    config = tiny_llava_config(backbone, **config_kwargs)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    # Random tiny weights give near-uniform attention; larger embeddings make the selection informative.
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.mul_(20)
+    return model.eval()
+
+
+TINY_WORDS = (
+    "USER: ASSISTANT: what is in the image ? a an of on to and this that color text sign read say says "
+    "red green blue black white cat dog car house tree sky small large left right top bottom yes no one two three "
+    "four five six seven eight nine ten it there are how many where which word letter number describe picture"
+).split()
+
+
+def build_tiny_processor(zoom: int = 3, image_size: int = 32, patch_size: int = 4):
+    """A `FlexLlavaProcessor` for the tiny model: a word-level tokenizer built in code and a PIL image processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaImageProcessorPil, PreTrainedTokenizerFast
+
+    from .processing_flex_llava import FlexLlavaProcessor
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = special + list(dict.fromkeys(TINY_WORDS))
+    words += [f"w{index}" for index in range(TINY_VOCAB_SIZE - 1 - len(words))]
+    vocab = {word: index for index, word in enumerate(words)}
+    vocab["<image>"] = TINY_IMAGE_TOKEN_ID
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return FlexLlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        zoom=zoom,
+    )
