@@ -129,14 +129,9 @@ def patch_model(
         if all(getattr(config, name) == value for name, value in settings.items()):
             return model
     else:
+        original_attention = config.text_config._attn_implementation_internal
         install_flex_attention(model)  # validates the attention implementation before anything changes
-        setattr(
-            model,
-            _ORIGINAL_CLASSES,
-            (type(model), type(config), config.text_config._attn_implementation_internal),
-        )
-        text_config = config.text_config
-        text_config._attn_implementation_internal = base_implementation_name(text_config._attn_implementation)
+        setattr(model, _ORIGINAL_CLASSES, (type(model), type(config), original_attention))
         config.__class__ = FlexLlavaConfig
         model.__class__ = FlexLlavaForConditionalGeneration
     for name, value in settings.items():

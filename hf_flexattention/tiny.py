@@ -70,6 +70,7 @@ def build_tiny_llava(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    attention_sharpness: float = 16.0,
     **config_kwargs,
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised (seeded) tiny `LlavaForConditionalGeneration` in eval mode."""
@@ -77,9 +78,12 @@ def build_tiny_llava(
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype)
-    # Random tiny weights give near-uniform attention; larger embeddings make the selection informative.
+    # At the default init scale, tiny attention is almost uniform and every selection would be all-or-nothing;
+    # sharper queries and keys give the peaked attention maps that trained models have.
     with torch.no_grad():
-        model.model.language_model.embed_tokens.weight.mul_(20)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(attention_sharpness)
+            layer.self_attn.k_proj.weight.mul_(attention_sharpness)
     return model.eval()
 
 

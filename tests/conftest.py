@@ -1,0 +1,48 @@
+import os
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from hf_flexattention.tiny import build_tiny_processor  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_image(seed: int, width: int = 60, height: int = 40) -> Image.Image:
+    """A deterministic noisy RGB image with a bright block, so attention maps are not flat."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    pixels[height // 4 : height // 2, width // 5 : width // 2] = 255
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return build_tiny_processor()
+
+
+PROMPTS = (
+    "USER: <image>\nwhat is in the image ? ASSISTANT:",
+    "USER: <image>\nwhat color is the sign ? ASSISTANT:",
+    "USER: how many trees are there ? ASSISTANT:",
+)
+
+
+@pytest.fixture
+def single_inputs(processor):
+    return processor(images=make_image(1), text=PROMPTS[0], return_tensors="pt")
+
+
+@pytest.fixture
+def batch_inputs(processor):
+    """Three samples, left padded: two with images of different shapes, one text-only."""
+    images = [make_image(1), make_image(2, width=40, height=64)]
+    return processor(images=images, text=list(PROMPTS), padding=True, return_tensors="pt")

@@ -1,0 +1,174 @@
+"""DESIGN.md 4.3-4.5: generate with and without cache, teacher forcing, batches, beams."""
+
+import pytest
+import torch
+
+from hf_flexattention import patch_model
+from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_llava
+
+
+BACKBONES = ["llama", "mistral", "qwen2"]
+NEW_TOKENS = 6
+# Same math in a different order (one row at a time vs. the whole sequence; padded vs. unpadded batches): fp32
+# rounding differences of ~1e-6 on logits of magnitude ~10. 1e-4 is DESIGN.md 4.3's contract.
+LOGITS_ATOL = 1e-4
+
+
+def flex_model(backbone="llama", **patch_kwargs):
+    return patch_model(build_tiny_llava(backbone), **{"n_fa": 2, **patch_kwargs})
+
+
+def greedy(model, inputs, **kwargs):
+    return model.generate(
+        **inputs,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kwargs,
+    )
+
+
+def only(inputs, index, has_image_before):
+    """Sample `index` of a batch alone: unpadded, with its own image rows."""
+    keep = inputs["attention_mask"][index].bool()
+    alone = {"input_ids": inputs["input_ids"][index, keep][None], "attention_mask": inputs["attention_mask"][index, keep][None]}
+    if "pixel_values" in inputs and has_image_before is not None:
+        for key in ("pixel_values", "high_res_pixel_values", "original_image_sizes"):
+            alone[key] = inputs[key][has_image_before : has_image_before + 1]
+    return alone
+
+
+def test_the_selection_is_partial(single_inputs):
+    trace = []
+    with torch.no_grad():
+        flex_model()(**single_inputs, flex_trace=trace)
+    counts = [int(count) for _, count in trace]
+    assert any(0 < count < 576 for count in counts), counts  # otherwise the tests below would not exercise it
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_cache_no_cache_and_teacher_forcing_agree(backbone, single_inputs):
+    model = flex_model(backbone)
+    cached = greedy(model, single_inputs)
+    uncached = greedy(model, single_inputs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=LOGITS_ATOL, rtol=0)
+
+    prompt_length = single_inputs["input_ids"].shape[1]
+    sequence = cached.sequences
+    labels = torch.full_like(sequence, -100)
+    labels[:, prompt_length:] = sequence[:, prompt_length:]
+    with torch.no_grad():
+        forced = model(
+            input_ids=sequence,
+            pixel_values=single_inputs["pixel_values"],
+            high_res_pixel_values=single_inputs["high_res_pixel_values"],
+            original_image_sizes=single_inputs["original_image_sizes"],
+            labels=labels,
+        ).logits
+    torch.testing.assert_close(
+        forced[:, prompt_length - 1 : -1], torch.stack(cached.logits, 1), atol=LOGITS_ATOL, rtol=0
+    )
+
+
+def test_high_res_changes_what_is_generated(single_inputs):
+    model = flex_model()
+    with_high_res = greedy(model, single_inputs)
+    low_res_only = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    without = greedy(model, low_res_only)
+    assert not torch.allclose(torch.stack(with_high_res.logits, 1), torch.stack(without.logits, 1))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_batch_equals_each_sample_alone(backbone, batch_inputs):
+    model = flex_model(backbone)
+    batched = greedy(model, batch_inputs)
+    image_index = [0, 1, None]  # the third prompt is text-only
+    for index, image in enumerate(image_index):
+        alone = greedy(model, only(batch_inputs, index, image))
+        assert torch.equal(batched.sequences[index, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
+        torch.testing.assert_close(
+            torch.stack(batched.logits, 1)[index], torch.stack(alone.logits, 1)[0], atol=LOGITS_ATOL, rtol=0
+        )
+
+
+def test_text_only_batch_runs_like_stock(processor):
+    stock = build_tiny_llava()
+    model = flex_model()
+    inputs = processor(text=["USER: how many trees ? ASSISTANT:", "USER: what is this ? ASSISTANT:"], padding=True, return_tensors="pt")
+    assert torch.equal(greedy(model, inputs).sequences, greedy(stock, inputs).sequences)
+
+
+def test_beam_search_with_cache_equals_without(batch_inputs):
+    """Beam search reorders the cache every step: the high-res state must follow it."""
+    model = flex_model()
+    kwargs = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": NEW_TOKENS, "do_sample": False}
+    cached = model.generate(**batch_inputs, **kwargs)
+    uncached = model.generate(**batch_inputs, use_cache=False, **kwargs)
+    assert cached.shape[0] == 3 * 2
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_batch_equals_each_sample_alone(batch_inputs):
+    model = flex_model()
+    kwargs = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": NEW_TOKENS, "do_sample": False}
+    batched = model.generate(**batch_inputs, **kwargs)
+    for index, image in enumerate([0, 1, None]):
+        alone = model.generate(**only(batch_inputs, index, image), **kwargs)
+        assert torch.equal(batched[2 * index : 2 * index + 2, -NEW_TOKENS:], alone[:, -NEW_TOKENS:])
+
+
+def test_sampling_with_several_return_sequences_is_reproducible(batch_inputs):
+    model = flex_model()
+    # An image token sampled into the answer would make the cache-less re-run see a second image.
+    kwargs = {"do_sample": True, "num_return_sequences": 2, "max_new_tokens": NEW_TOKENS, "top_k": 5}
+    kwargs["suppress_tokens"] = [TINY_IMAGE_TOKEN_ID]
+    torch.manual_seed(3)
+    first = model.generate(**batch_inputs, **kwargs)
+    torch.manual_seed(3)
+    second = model.generate(**batch_inputs, use_cache=False, **kwargs)
+    assert first.shape[0] == 6
+    assert torch.equal(first, second)
+
+
+def test_high_res_state_does_not_leak_into_a_later_call(single_inputs):
+    model = flex_model()
+    low_res_only = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    before = greedy(model, low_res_only)
+    greedy(model, single_inputs)
+    after = greedy(model, low_res_only)
+    assert torch.equal(before.sequences, after.sequences)
+    torch.testing.assert_close(torch.stack(before.logits), torch.stack(after.logits), atol=0, rtol=0)
+
+
+def test_a_reused_cache_drops_the_old_image(single_inputs):
+    from transformers import DynamicCache
+
+    model = flex_model()
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**single_inputs, cache=cache)
+    assert cache.flex_state is not None
+    cache.reset()
+    text_only = {"input_ids": single_inputs["input_ids"][:, -5:]}
+    with torch.no_grad():
+        model(**text_only, cache=cache)
+    assert cache.flex_state is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_and_tracks_fp32(dtype, single_inputs):
+    """bf16/fp16 flex error (vs. the fp32 flex model) stays within a few times the stock model's own
+    half-precision error (vs. fp32), the relative bound flash-attention's tests use."""
+    settings = {"selection": "topk", "topk_ratio": 1.0}  # no threshold flips: a selection change is not rounding
+    flex32, flex16 = flex_model(**settings), flex_model(**settings).to(dtype)
+    stock32, stock16 = build_tiny_llava(), build_tiny_llava(dtype=dtype)
+    low_res = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    with torch.no_grad():
+        flex_error = (flex16(**single_inputs).logits[:, -1].float() - flex32(**single_inputs).logits[:, -1]).abs().max()
+        stock_error = (stock16(**low_res).logits[:, -1].float() - stock32(**low_res).logits[:, -1]).abs().max()
+    assert torch.isfinite(flex_error)
+    assert flex_error <= 3 * stock_error + 1e-2, (flex_error, stock_error)
+    out = flex16.generate(**single_inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == single_inputs["input_ids"].shape[1] + 3
