@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .high_res import apply_rotary
+from .projections import memoised_projections, project_tokens
 from .selection import select_high_res_tokens
 from .state import FlexCall
 
@@ -48,7 +48,7 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _eager_attention_of(module: torch.nn.Module):
     """The backbone's own eager attention function (the one its module falls back to)."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def _allowed_keys_of_rows(
@@ -114,7 +114,8 @@ def _hierarchical_rows(
     """Joint attention of each high-res row over its causal keys and its selected high-res tokens.
 
     Only the union of the tokens a sequence's rows selected is projected (one gather, one matmul per
-    projection). Returns `(outputs (rows_batch, rows, heads, dim), active rows mask)` or None if nothing is
+    projection), and at inference only tokens not projected at an earlier step. Returns
+    `(outputs (rows_batch, rows, heads, dim), active rows mask)` or None if nothing is
     selected.
     """
     union = selected.any(dim=1)  # rows_batch, M
@@ -125,15 +126,14 @@ def _hierarchical_rows(
     # Selected token indices first (in grid order), padding after them.
     order = torch.argsort((~union).to(torch.int8), dim=-1, stable=True)[:, :width]
     slot_valid = torch.arange(width, device=order.device) < counts[:, None]
-    state = call.state
-    images = call.row_images[:, None]
-    features = state.features[images, order].to(module.hr_k_proj.weight.dtype)  # rows_batch, U, D
     batch, kv_heads, _, head_dim = row_keys.shape
-    hr_keys = module.hr_k_proj(features).view(batch, width, -1, head_dim).transpose(1, 2)
-    hr_values = module.hr_v_proj(features).view(batch, width, -1, head_dim).transpose(1, 2)
-    cos = state.rope_cos[images, order][:, None].to(hr_keys.dtype)
-    sin = state.rope_sin[images, order][:, None].to(hr_keys.dtype)
-    hr_keys = apply_rotary(hr_keys, cos, sin)
+    if torch.is_grad_enabled():
+        hr_keys, hr_values = project_tokens(module, call.state, call.row_images, order, head_dim)
+    else:
+        hr_keys, hr_values = memoised_projections(
+            call.state.projections, module.layer_idx, module, call.state, call.row_images, order, slot_valid, head_dim
+        )
+    hr_keys, hr_values = hr_keys.transpose(1, 2), hr_values.transpose(1, 2)
 
     rows = row_queries.shape[2]
     hr_allowed = selected.gather(-1, order[:, None, :].expand(-1, rows, -1)) & slot_valid[:, None, :]

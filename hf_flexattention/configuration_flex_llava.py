@@ -39,19 +39,24 @@ def validate_flex_settings(
 ) -> None:
     """Raise a `ValueError`/`TypeError` naming the fix for any FlexAttention setting that cannot work."""
     if isinstance(n_fa, bool) or not isinstance(n_fa, int):
-        raise TypeError(f"`n_fa` must be an int (number of FlexAttention layers at the top), got {type(n_fa).__name__}.")
+        raise TypeError(
+            f"`n_fa` must be an int (number of FlexAttention layers at the top), got {type(n_fa).__name__}."
+        )
     if not 0 <= n_fa <= num_layers - 1:
         raise ValueError(
             f"`n_fa={n_fa}` is out of range for a language model with {num_layers} decoder layers: use "
-            f"0 <= n_fa <= {num_layers - 1} (the first selection is taken from the layer below the first FlexAttention "
+            f"0 <= n_fa <= {num_layers - 1} (the first selection is taken from the layer below the first "
+            "FlexAttention "
             f"layer, so at least one layer stays plain; the released LLaVA-1.5-7B model uses n_fa=23 of 32)."
         )
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"`threshold` must be a float in [0, 1), got {type(threshold).__name__}.")
     if not 0.0 <= threshold < 1.0:
-        hint = f" The official code's `threshold:{threshold:g}` is on a 0-255 scale: pass {threshold:g}/255." if (
-            1.0 <= threshold <= 255.0
-        ) else ""
+        hint = (
+            f" The official code's `threshold:{threshold:g}` is on a 0-255 scale: pass {threshold:g}/255."
+            if (1.0 <= threshold <= 255.0)
+            else ""
+        )
         raise ValueError(f"`threshold={threshold}` must lie in [0, 1) (normalised attention is compared to it).{hint}")
     if isinstance(zoom, bool) or not isinstance(zoom, int):
         raise TypeError(f"`zoom` must be an int (high-res side / low-res side), got {type(zoom).__name__}.")

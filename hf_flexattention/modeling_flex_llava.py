@@ -185,7 +185,9 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     ) -> torch.Tensor:
         """Check the high-res inputs against the prompt; return the `(batch,)` image index of each sequence."""
         if input_ids is None:
-            raise ValueError("`high_res_pixel_values` needs `input_ids` (to locate the image tokens), not `inputs_embeds`.")
+            raise ValueError(
+                "`high_res_pixel_values` needs `input_ids` (to locate the image tokens), not `inputs_embeds`."
+            )
         if not isinstance(high_res_pixel_values, torch.Tensor) or high_res_pixel_values.ndim != 4:
             raise TypeError(
                 "`high_res_pixel_values` must be a (n_images, 3, H, W) tensor, as returned by FlexLlavaProcessor."

@@ -104,7 +104,9 @@ def patch_model(
     low_res_grid = config.vision_config.image_size // config.vision_config.patch_size
     settings = {
         "flex_n_fa": n_fa,
-        "flex_threshold": float(threshold) if isinstance(threshold, int) and not isinstance(threshold, bool) else threshold,
+        "flex_threshold": float(threshold)
+        if isinstance(threshold, int) and not isinstance(threshold, bool)
+        else threshold,
         "flex_zoom": zoom,
         "flex_selection": selection,
         "flex_selection_grid": selection_grid,

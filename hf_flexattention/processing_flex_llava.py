@@ -60,7 +60,8 @@ class FlexLlavaProcessor(LlavaProcessor):
 
     ```python
     >>> processor = FlexLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf"))
-    >>> inputs = processor(images=image, text="USER: <image>\\nWhat does the sign say? ASSISTANT:", return_tensors="pt")
+    >>> prompt = "USER: <image>\\nWhat does the sign say? ASSISTANT:"
+    >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
     >>> sorted(inputs.keys())
     ['attention_mask', 'high_res_pixel_values', 'input_ids', 'original_image_sizes', 'pixel_values']
     ```

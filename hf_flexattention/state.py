@@ -31,6 +31,7 @@ class FlexState:
         original_sizes: `(n_images, 2)` (height, width) before square padding, or None when unknown.
         sample_image: `(batch,)` image index of each sequence, -1 for text-only sequences.
         generator: random generator of the `"random"` selection mode.
+        projections: per-layer memo of the high-res keys/values projected so far (inference only).
     """
 
     features: torch.Tensor
@@ -40,6 +41,7 @@ class FlexState:
     original_sizes: torch.Tensor | None
     sample_image: torch.Tensor
     generator: torch.Generator | None = None
+    projections: dict = field(default_factory=dict)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow the cache when beam search reorders (or expands) the batch."""

@@ -41,14 +41,18 @@ def test_without_high_res_input_logits_equal_stock(backbone, batch_inputs):
 def test_inert_patch_equals_stock(backbone, batch_inputs):
     stock, patched = stock_and_patched(backbone, n_fa=0)
     assert not any(hasattr(layer.self_attn, "hr_k_proj") for layer in patched.model.language_model.layers)
-    stock_inputs = {k: v for k, v in batch_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    stock_inputs = {
+        k: v for k, v in batch_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")
+    }
     torch.testing.assert_close(logits(patched, batch_inputs), logits(stock, stock_inputs), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_empty_selection_equals_stock(backbone, batch_inputs):
     stock, patched = stock_and_patched(backbone, selection="random", random_p=0.0)
-    stock_inputs = {k: v for k, v in batch_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    stock_inputs = {
+        k: v for k, v in batch_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")
+    }
     trace = []
     got = logits(patched, batch_inputs, flex_trace=trace)
     assert trace and all(int(counts.sum()) == 0 for _, counts in trace)
@@ -57,7 +61,9 @@ def test_empty_selection_equals_stock(backbone, batch_inputs):
 
 def test_high_res_changes_only_the_high_res_rows(single_inputs):
     stock, patched = stock_and_patched()
-    stock_inputs = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    stock_inputs = {
+        k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")
+    }
     got, want = logits(patched, single_inputs), logits(stock, stock_inputs)
     torch.testing.assert_close(got[:, :-1], want[:, :-1], atol=ATOL, rtol=0)
     assert (got[:, -1] - want[:, -1]).abs().max() > 1e-3
@@ -163,7 +169,9 @@ def test_select_all_equals_dense_reference(backbone, with_labels, single_inputs)
     AttentionMaskInterface.register(name, eager_mask)
     reference.set_attn_implementation({"text_config": name})
 
-    stock_inputs = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    stock_inputs = {
+        k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")
+    }
     got = logits(patched, {k: v for k, v in single_inputs.items() if k != "original_image_sizes"}, labels=labels)
     want = logits(reference, stock_inputs)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
@@ -176,6 +184,14 @@ def test_eager_and_sdpa_agree(batch_inputs):
     _, sdpa = stock_and_patched(attn_implementation="sdpa")
     assert eager.config.text_config._attn_implementation == "flexattn_eager"
     real = batch_inputs["attention_mask"].bool()  # padding rows attend to nothing: each kernel fills them its own way
-    torch.testing.assert_close(
-        logits(eager, batch_inputs)[real], logits(sdpa, batch_inputs)[real], atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(logits(eager, batch_inputs)[real], logits(sdpa, batch_inputs)[real], atol=ATOL, rtol=0)
+
+
+def test_training_path_equals_inference_path(batch_inputs):
+    """With gradients on, high-res tokens are projected directly; without, through the decode-time memo."""
+    _, patched = stock_and_patched()
+    labels = batch_inputs["input_ids"].masked_fill(batch_inputs["attention_mask"] == 0, -100)
+    labels[:, :-4] = -100
+    with torch.enable_grad():
+        direct = patched(**batch_inputs, labels=labels).logits.detach()
+    torch.testing.assert_close(direct, logits(patched, batch_inputs, labels=labels), atol=ATOL, rtol=0)

@@ -32,7 +32,10 @@ def greedy(model, inputs, **kwargs):
 def only(inputs, index, has_image_before):
     """Sample `index` of a batch alone: unpadded, with its own image rows."""
     keep = inputs["attention_mask"][index].bool()
-    alone = {"input_ids": inputs["input_ids"][index, keep][None], "attention_mask": inputs["attention_mask"][index, keep][None]}
+    alone = {
+        "input_ids": inputs["input_ids"][index, keep][None],
+        "attention_mask": inputs["attention_mask"][index, keep][None],
+    }
     if "pixel_values" in inputs and has_image_before is not None:
         for key in ("pixel_values", "high_res_pixel_values", "original_image_sizes"):
             alone[key] = inputs[key][has_image_before : has_image_before + 1]
@@ -53,7 +56,9 @@ def test_cache_no_cache_and_teacher_forcing_agree(backbone, single_inputs):
     cached = greedy(model, single_inputs)
     uncached = greedy(model, single_inputs, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(
+        torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=LOGITS_ATOL, rtol=0
+    )
 
     prompt_length = single_inputs["input_ids"].shape[1]
     sequence = cached.sequences
@@ -75,7 +80,9 @@ def test_cache_no_cache_and_teacher_forcing_agree(backbone, single_inputs):
 def test_high_res_changes_what_is_generated(single_inputs):
     model = flex_model()
     with_high_res = greedy(model, single_inputs)
-    low_res_only = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    low_res_only = {
+        k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")
+    }
     without = greedy(model, low_res_only)
     assert not torch.allclose(torch.stack(with_high_res.logits, 1), torch.stack(without.logits, 1))
 
@@ -96,7 +103,11 @@ def test_batch_equals_each_sample_alone(backbone, batch_inputs):
 def test_text_only_batch_runs_like_stock(processor):
     stock = build_tiny_llava()
     model = flex_model()
-    inputs = processor(text=["USER: how many trees ? ASSISTANT:", "USER: what is this ? ASSISTANT:"], padding=True, return_tensors="pt")
+    inputs = processor(
+        text=["USER: how many trees ? ASSISTANT:", "USER: what is this ? ASSISTANT:"],
+        padding=True,
+        return_tensors="pt",
+    )
     assert torch.equal(greedy(model, inputs).sequences, greedy(stock, inputs).sequences)
 
 
@@ -134,7 +145,9 @@ def test_sampling_with_several_return_sequences_is_reproducible(batch_inputs):
 
 def test_high_res_state_does_not_leak_into_a_later_call(single_inputs):
     model = flex_model()
-    low_res_only = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    low_res_only = {
+        k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")
+    }
     before = greedy(model, low_res_only)
     greedy(model, single_inputs)
     after = greedy(model, low_res_only)
@@ -166,9 +179,29 @@ def test_half_precision_runs_and_tracks_fp32(dtype, single_inputs):
     stock32, stock16 = build_tiny_llava(), build_tiny_llava(dtype=dtype)
     low_res = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
     with torch.no_grad():
-        flex_error = (flex16(**single_inputs).logits[:, -1].float() - flex32(**single_inputs).logits[:, -1]).abs().max()
+        flex_error = (
+            (flex16(**single_inputs).logits[:, -1].float() - flex32(**single_inputs).logits[:, -1]).abs().max()
+        )
         stock_error = (stock16(**low_res).logits[:, -1].float() - stock32(**low_res).logits[:, -1]).abs().max()
     assert torch.isfinite(flex_error)
     assert flex_error <= 3 * stock_error + 1e-2, (flex_error, stock_error)
     out = flex16.generate(**single_inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == single_inputs["input_ids"].shape[1] + 3
+
+
+def test_decoding_projects_each_selected_token_once_per_layer(single_inputs):
+    """Tokens projected at an earlier step are reused, never projected again (DESIGN.md 5)."""
+    model = flex_model()
+    projected_rows = {}
+
+    def count(layer):
+        def hook(_module, args, _output):
+            projected_rows[layer] = projected_rows.get(layer, 0) + args[0].shape[0] * args[0].shape[1]
+
+        return hook
+
+    for index in (2, 3):
+        model.model.language_model.layers[index].self_attn.hr_k_proj.register_forward_hook(count(index))
+    greedy(model, single_inputs)
+    for layer, rows in projected_rows.items():
+        assert 0 < rows <= 24 * 24, (layer, rows)  # at most every high-res token, once

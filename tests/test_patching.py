@@ -18,7 +18,9 @@ def assert_state_dicts_identical(first, second):
 
 
 def hr_layers(model):
-    return [index for index, layer in enumerate(model.model.language_model.layers) if hasattr(layer.self_attn, "hr_k_proj")]
+    return [
+        index for index, layer in enumerate(model.model.language_model.layers) if hasattr(layer.self_attn, "hr_k_proj")
+    ]
 
 
 def test_patch_is_in_place_and_adds_exact_copies():
@@ -85,7 +87,11 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path, single_inputs):
     for loader in (FlexLlavaForConditionalGeneration, AutoModelForImageTextToText):
         loaded = loader.from_pretrained(tmp_path)
         assert type(loaded) is FlexLlavaForConditionalGeneration
-        assert (loaded.config.flex_n_fa, loaded.config.flex_threshold, loaded.config.flex_selection_grid) == (2, 0.3, 4)
+        assert (loaded.config.flex_n_fa, loaded.config.flex_threshold, loaded.config.flex_selection_grid) == (
+            2,
+            0.3,
+            4,
+        )
         assert loaded.config.text_config._attn_implementation == "flexattn_sdpa"
         assert_state_dicts_identical(loaded, model)
         with torch.no_grad():
@@ -158,7 +164,9 @@ def test_bad_settings_raise_with_the_fix(kwargs, error, match):
 def test_a_model_that_is_not_llava_is_rejected():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    )
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         patch_model(model, n_fa=1)
 
