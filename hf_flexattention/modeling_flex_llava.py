@@ -228,9 +228,17 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         original_image_sizes: torch.Tensor | None,
         vision_feature_layer,
         vision_feature_select_strategy,
-    ) -> FlexState:
+    ) -> FlexState | None:
         sample_image = self._validate_high_res_inputs(input_ids, high_res_pixel_values, original_image_sizes)
-        features = self.encode_high_res(high_res_pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        if high_res_pixel_values.shape[0] == 0:
+            return None
+        # generate repeats each image for every beam / returned sequence: encode each distinct image once.
+        repeated = (high_res_pixel_values[1:] == high_res_pixel_values[:-1]).flatten(1).all(dim=1)
+        first_of_run = torch.cat([repeated.new_ones(1), ~repeated])
+        feature_index = first_of_run.long().cumsum(0) - 1
+        features = self.encode_high_res(
+            high_res_pixel_values[first_of_run], vision_feature_layer, vision_feature_select_strategy
+        )
         image_rows = (sample_image >= 0).nonzero().squeeze(1)
         is_image_token = input_ids[image_rows] == self.config.image_token_id
         image_positions = is_image_token.nonzero()[:, 1].view(len(image_rows), -1)
@@ -238,12 +246,13 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         position_ids = position_ids.expand(input_ids.shape[0], -1)[image_rows]
         rotary_positions = position_ids.gather(1, image_positions)
-        cos, sin = self.model.language_model.rotary_emb(features.float(), position_ids=rotary_positions)
+        cos, sin = self.model.language_model.rotary_emb(features[:1].float(), position_ids=rotary_positions)
         generator = None
         if self.config.flex_selection == "random":
             generator = torch.Generator().manual_seed(self.config.flex_random_seed)
         return FlexState(
             features=features,
+            feature_index=feature_index,
             rope_cos=interpolate_rotary(cos, self.config.high_res_grid),
             rope_sin=interpolate_rotary(sin, self.config.high_res_grid),
             image_positions=image_positions,
@@ -320,7 +329,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if cache is None and use_cache and not (self.is_activation_checkpointing and self.training):
                 cache = DynamicCache(config=self.config.text_config)
             if cache is not None:
-                setattr(cache, CACHE_ATTRIBUTE, state)
+                setattr(cache, CACHE_ATTRIBUTE, state)  # None for a batch without images
         elif cache is not None and past_length > 0:
             state = getattr(cache, CACHE_ATTRIBUTE, None)
         else:

@@ -24,7 +24,9 @@ class FlexState:
     """High-res data of the sequences in a batch.
 
     Attributes:
-        features: `(n_images, M, D)` projected high-res features, row-major over the `G x G` grid.
+        features: `(n_distinct, M, D)` projected high-res features, row-major over the `G x G` grid; images that
+            generate repeats for beams or return sequences are encoded once.
+        feature_index: `(n_images,)` row of `features` holding each image.
         rope_cos: `(n_images, M, head_dim)` float32 rotary cos of each high-res key.
         rope_sin: `(n_images, M, head_dim)` float32 rotary sin of each high-res key.
         image_positions: `(n_images, N)` sequence (KV) indices of the low-res image tokens.
@@ -35,6 +37,7 @@ class FlexState:
     """
 
     features: torch.Tensor
+    feature_index: torch.Tensor
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
     image_positions: torch.Tensor
@@ -42,6 +45,14 @@ class FlexState:
     sample_image: torch.Tensor
     generator: torch.Generator | None = None
     projections: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return self.feature_index.shape[0]
+
+    def gather_features(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`(b, u, D)` features of high-res `tokens` `(b, u)` of `images` `(b,)`."""
+        return self.features[self.feature_index[images][:, None], tokens]
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow the cache when beam search reorders (or expands) the batch."""

@@ -205,3 +205,24 @@ def test_decoding_projects_each_selected_token_once_per_layer(single_inputs):
     greedy(model, single_inputs)
     for layer, rows in projected_rows.items():
         assert 0 < rows <= 24 * 24, (layer, rows)  # at most every high-res token, once
+
+
+def test_an_empty_high_res_batch_is_a_text_only_batch(processor):
+    model = flex_model()
+    inputs = processor(text=["USER: how many trees ? ASSISTANT:"], return_tensors="pt")
+    empty = dict(inputs, high_res_pixel_values=torch.zeros(0, 3, 96, 96))
+    assert torch.equal(greedy(model, empty).sequences, greedy(model, inputs).sequences)
+
+
+def test_beams_encode_each_image_once(batch_inputs):
+    model = flex_model()
+    encoded = []
+    original = model.encode_high_res
+
+    def counting(images, *args):
+        encoded.append(images.shape[0])
+        return original(images, *args)
+
+    model.encode_high_res = counting
+    model.generate(**batch_inputs, num_beams=3, max_new_tokens=2, do_sample=False)
+    assert encoded == [2]
