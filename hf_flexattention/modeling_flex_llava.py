@@ -454,6 +454,10 @@ def _register() -> None:
         AutoModelForImageTextToText.register(FlexLlavaConfig, FlexLlavaForConditionalGeneration)
     except ValueError:
         pass
+    # Saved checkpoints carry these files and an `auto_map`, so they load with trust_remote_code=True where the
+    # plugin is not installed.
+    FlexLlavaConfig.register_for_auto_class("AutoConfig")
+    FlexLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 
 _register()

@@ -173,4 +173,6 @@ class FlexLlavaProcessor(LlavaProcessor):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 
+FlexLlavaProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["FlexLlavaProcessor"]
