@@ -12,6 +12,7 @@ check_transformers_version()
 from .configuration_flex_llava import FlexLlavaConfig  # noqa: E402
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration  # noqa: E402
 from .patching import is_patched, patch_model, unpatch_model  # noqa: E402
+from .processing_flex_llava import FlexLlavaProcessor  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FlexLlavaConfig",
     "FlexLlavaForConditionalGeneration",
+    "FlexLlavaProcessor",
     "__version__",
     "is_patched",
     "patch_model",
