@@ -232,31 +232,38 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         sample_image = self._validate_high_res_inputs(input_ids, high_res_pixel_values, original_image_sizes)
         if high_res_pixel_values.shape[0] == 0:
             return None
-        # generate repeats each image for every beam / returned sequence: encode each distinct image once.
-        repeated = (high_res_pixel_values[1:] == high_res_pixel_values[:-1]).flatten(1).all(dim=1)
-        first_of_run = torch.cat([repeated.new_ones(1), ~repeated])
-        feature_index = first_of_run.long().cumsum(0) - 1
-        features = self.encode_high_res(
-            high_res_pixel_values[first_of_run], vision_feature_layer, vision_feature_select_strategy
-        )
         image_rows = (sample_image >= 0).nonzero().squeeze(1)
         is_image_token = input_ids[image_rows] == self.config.image_token_id
         image_positions = is_image_token.nonzero()[:, 1].view(len(image_rows), -1)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        position_ids = position_ids.expand(input_ids.shape[0], -1)[image_rows]
-        rotary_positions = position_ids.gather(1, image_positions)
-        cos, sin = self.model.language_model.rotary_emb(features[:1].float(), position_ids=rotary_positions)
+        rotary_positions = position_ids.expand(input_ids.shape[0], -1)[image_rows].gather(1, image_positions)
+
+        # generate repeats each sample for every beam / returned sequence: keep one copy of each (image, position).
+        same_as_previous = (
+            (high_res_pixel_values[1:] == high_res_pixel_values[:-1]).flatten(1).all(dim=1)
+            & (image_positions[1:] == image_positions[:-1]).all(dim=1)
+            & (rotary_positions[1:] == rotary_positions[:-1]).all(dim=1)
+        )
+        if original_image_sizes is not None:
+            same_as_previous &= (original_image_sizes[1:] == original_image_sizes[:-1]).all(dim=1)
+        distinct = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])
+        distinct_index = distinct.long().cumsum(0) - 1
+        sample_image = torch.where(sample_image >= 0, distinct_index[sample_image.clamp(min=0)], -1)
+
+        features = self.encode_high_res(
+            high_res_pixel_values[distinct], vision_feature_layer, vision_feature_select_strategy
+        )
+        cos, sin = self.model.language_model.rotary_emb(features[:1].float(), position_ids=rotary_positions[distinct])
         generator = None
         if self.config.flex_selection == "random":
             generator = torch.Generator().manual_seed(self.config.flex_random_seed)
         return FlexState(
             features=features,
-            feature_index=feature_index,
             rope_cos=interpolate_rotary(cos, self.config.high_res_grid),
             rope_sin=interpolate_rotary(sin, self.config.high_res_grid),
-            image_positions=image_positions,
-            original_sizes=original_image_sizes,
+            image_positions=image_positions[distinct],
+            original_sizes=original_image_sizes[distinct] if original_image_sizes is not None else None,
             sample_image=sample_image,
             generator=generator,
         )

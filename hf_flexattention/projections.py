@@ -22,7 +22,7 @@ def project_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated keys and values of high-res `tokens` `(b, u)` of `images` `(b,)`, each `(b, u, kv_heads, head_dim)`."""
     index = images[:, None]
-    features = state.gather_features(images, tokens).to(module.hr_k_proj.weight.dtype)
+    features = state.features[index, tokens].to(module.hr_k_proj.weight.dtype)
     batch, width = tokens.shape
     keys = module.hr_k_proj(features).view(batch, width, -1, head_dim)
     values = module.hr_v_proj(features).view(batch, width, -1, head_dim)
@@ -42,7 +42,7 @@ class ProjectionMemo:
 
     @classmethod
     def empty(cls, state: FlexState, like: torch.Tensor) -> "ProjectionMemo":
-        n_images, n_tokens = state.num_images, state.features.shape[1]
+        n_images, n_tokens = state.features.shape[:2]
         device = state.features.device
         store = like.new_empty(n_images, 0, *like.shape[2:])
         return cls(
@@ -87,7 +87,7 @@ def memoised_projections(
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `project_tokens`, but projecting only tokens that this layer has not projected for the image before."""
-    n_images, n_tokens = state.num_images, state.features.shape[1]
+    n_images, n_tokens = state.features.shape[:2]
     needed = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=tokens.device)
     needed[images[:, None].expand_as(tokens)[valid], tokens[valid]] = True
     memo = memos.get(layer_idx)

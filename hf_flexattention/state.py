@@ -23,10 +23,11 @@ CACHE_ATTRIBUTE = "flex_state"
 class FlexState:
     """High-res data of the sequences in a batch.
 
+    Images are stored once per distinct (image, prompt position): the copies that generate makes for beams or
+    returned sequences share one encoding and one projection memo.
+
     Attributes:
-        features: `(n_distinct, M, D)` projected high-res features, row-major over the `G x G` grid; images that
-            generate repeats for beams or return sequences are encoded once.
-        feature_index: `(n_images,)` row of `features` holding each image.
+        features: `(n_images, M, D)` projected high-res features, row-major over the `G x G` grid.
         rope_cos: `(n_images, M, head_dim)` float32 rotary cos of each high-res key.
         rope_sin: `(n_images, M, head_dim)` float32 rotary sin of each high-res key.
         image_positions: `(n_images, N)` sequence (KV) indices of the low-res image tokens.
@@ -37,7 +38,6 @@ class FlexState:
     """
 
     features: torch.Tensor
-    feature_index: torch.Tensor
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
     image_positions: torch.Tensor
@@ -45,14 +45,6 @@ class FlexState:
     sample_image: torch.Tensor
     generator: torch.Generator | None = None
     projections: dict = field(default_factory=dict)
-
-    @property
-    def num_images(self) -> int:
-        return self.feature_index.shape[0]
-
-    def gather_features(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """`(b, u, D)` features of high-res `tokens` `(b, u)` of `images` `(b,)`."""
-        return self.features[self.feature_index[images][:, None], tokens]
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow the cache when beam search reorders (or expands) the batch."""

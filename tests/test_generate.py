@@ -189,8 +189,9 @@ def test_half_precision_runs_and_tracks_fp32(dtype, single_inputs):
     assert out.shape[1] == single_inputs["input_ids"].shape[1] + 3
 
 
-def test_decoding_projects_each_selected_token_once_per_layer(single_inputs):
-    """Tokens projected at an earlier step are reused, never projected again (DESIGN.md 5)."""
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decoding_projects_each_selected_token_once_per_layer(single_inputs, num_beams):
+    """Tokens projected at an earlier step (or for another beam) are reused, never projected again (DESIGN.md 5)."""
     model = flex_model()
     projected_rows = {}
 
@@ -202,7 +203,8 @@ def test_decoding_projects_each_selected_token_once_per_layer(single_inputs):
 
     for index in (2, 3):
         model.model.language_model.layers[index].self_attn.hr_k_proj.register_forward_hook(count(index))
-    greedy(model, single_inputs)
+    model.generate(**single_inputs, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=num_beams)
+    assert projected_rows
     for layer, rows in projected_rows.items():
         assert 0 < rows <= 24 * 24, (layer, rows)  # at most every high-res token, once
 
