@@ -55,7 +55,8 @@ class ProjectionMemo:
     def _grow(self, capacity: int) -> None:
         if capacity <= self.keys.shape[1]:
             return
-        capacity = max(capacity, 2 * self.keys.shape[1])
+        # Amortised doubling, but never more slots than the image has high-res tokens.
+        capacity = min(max(capacity, 2 * self.keys.shape[1]), self.slot.shape[1])
         grown = self.keys.new_empty(self.keys.shape[0], capacity, *self.keys.shape[2:])
         grown_values = grown.clone()
         grown[:, : self.keys.shape[1]] = self.keys

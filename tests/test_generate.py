@@ -228,3 +228,15 @@ def test_beams_encode_each_image_once(batch_inputs):
     model.encode_high_res = counting
     model.generate(**batch_inputs, num_beams=3, max_new_tokens=2, do_sample=False)
     assert encoded == [2]
+
+
+def test_the_projection_memo_never_outgrows_the_high_res_grid(single_inputs):
+    model = flex_model(selection="random", random_p=0.5)  # a fresh random selection every step
+    cache_holder = model.generate(
+        **single_inputs, max_new_tokens=12, do_sample=False, return_dict_in_generate=True
+    ).past_key_values
+    memos = cache_holder.flex_state.projections
+    assert memos
+    for memo in memos.values():
+        assert memo.keys.shape[1] <= 24 * 24
+        assert int(memo.count.max()) <= 24 * 24
