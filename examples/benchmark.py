@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="Llava checkpoint (Hub id or folder); default: a tiny model built in code")
     parser.add_argument("--tiny-layers", type=int, default=8, help="tiny model: language-model layers")
     parser.add_argument("--tiny-hidden", type=int, default=256, help="tiny model: language-model hidden size")
+    parser.add_argument(
+        "--tiny-geometry",
+        choices=("small", "llava"),
+        default="small",
+        help="tiny model's image grid: small (32 px / patch 4: 64 low-res, 576 high-res tokens) or llava "
+        "(336 px / patch 14: LLaVA-1.5's 576 low-res and 5184 high-res tokens)",
+    )
     parser.add_argument("--image", help="image file (default: a drawn test image)")
     parser.add_argument("--prompt", help="question, or a full prompt holding <image>")
     parser.add_argument("--n-fa", type=int, help="FlexAttention layers (default: the released 23-of-32 share)")
@@ -80,10 +87,17 @@ def load(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
     if args.model is None:
         hidden = args.tiny_hidden
         heads = max(4, hidden // 32)
+        image_size, patch_size = (336, 14) if args.tiny_geometry == "llava" else (32, 4)
         model = build_tiny_llava(
-            num_layers=args.tiny_layers, hidden_size=hidden, num_heads=heads, num_kv_heads=heads // 2, dtype=dtype
+            num_layers=args.tiny_layers,
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=heads // 2,
+            dtype=dtype,
+            image_size=image_size,
+            patch_size=patch_size,
         ).to(device)
-        processor = build_tiny_processor()
+        processor = build_tiny_processor(image_size=image_size, patch_size=patch_size)
         description = f"tiny random Llava built in code ({args.tiny_layers} layers, hidden {hidden}, {heads} heads)"
         prompt = TINY_PROMPT if args.prompt is None else args.prompt
     else:
