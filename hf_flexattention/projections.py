@@ -58,14 +58,14 @@ class ProjectionMemo:
         # Amortised doubling, but never more slots than the image has high-res tokens.
         capacity = min(max(capacity, 2 * self.keys.shape[1]), self.slot.shape[1])
         grown = self.keys.new_empty(self.keys.shape[0], capacity, *self.keys.shape[2:])
-        grown_values = grown.clone()
+        grown_values = self.values.new_empty(grown.shape)
         grown[:, : self.keys.shape[1]] = self.keys
         grown_values[:, : self.values.shape[1]] = self.values
         self.keys, self.values = grown, grown_values
 
     def add(
         self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
-    ):
+    ) -> None:
         """Store projections of `tokens` `(b, w)` of `images` `(b,)` where `valid`."""
         per_image = valid.sum(dim=1)
         slots = self.count[images][:, None] + torch.arange(tokens.shape[1], device=tokens.device)
