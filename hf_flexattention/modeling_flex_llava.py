@@ -137,6 +137,27 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     initialised |= keys
         return initialised
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a FlexAttention model card (`README.md`) if the folder has none."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):
+            return  # transformers has uploaded the folder already, with its own card
+        try:  # the card writer is plugin code, never shipped as remote code: without the plugin, save as stock
+            from hf_flexattention.hub import write_model_card
+        except ImportError:
+            return
+        write_model_card(self, save_directory, overwrite=False)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """`PreTrainedModel.push_to_hub`, with a FlexAttention model card when the plugin is installed."""
+        try:
+            from hf_flexattention.hub import push_to_hub
+        except ImportError:  # remote code without the plugin: transformers' push and card
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        if args:
+            raise TypeError("Pass push_to_hub's options by keyword (e.g. `private=True`).")
+        return push_to_hub(self, repo_id, **kwargs)
+
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
         """Set the attention implementation; the language model keeps FlexAttention around `sdpa`/`eager`."""
         super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import LlavaProcessor
+from transformers import AutoProcessor, LlavaProcessor
 from transformers.feature_extraction_utils import BatchFeature
+
+from .configuration_flex_llava import FlexLlavaConfig
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -174,5 +176,9 @@ class FlexLlavaProcessor(LlavaProcessor):
 
 
 FlexLlavaProcessor.register_for_auto_class("AutoProcessor")
+try:  # with the plugin imported, AutoProcessor loads saved processors without trust_remote_code
+    AutoProcessor.register(FlexLlavaConfig, FlexLlavaProcessor)
+except ValueError:  # already registered: a re-import
+    pass
 
 __all__ = ["FlexLlavaProcessor"]
