@@ -368,11 +368,6 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return None, cache
 
         q_length = (input_ids if input_ids is not None else attention_mask).shape[1]
-        if labels is not None and tuple(labels.shape) != (state.sample_image.shape[0], q_length):
-            raise ValueError(
-                f"`labels` has shape {tuple(labels.shape)} but `input_ids` has shape "
-                f"({state.sample_image.shape[0]}, {q_length}): labels must align token by token with input_ids."
-            )
         rows = self._high_res_rows(state, q_length, past_length, labels, attention_mask, flex_answer_start)
         counts = rows.sum(dim=1)
         row_samples = (counts > 0).nonzero().squeeze(1)
@@ -436,6 +431,12 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             If given, receives `(layer_index, selected token count per high-res row)` for each FlexAttention layer.
         """
         trace = kwargs.pop("flex_trace", None)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
+                "labels must align token by token with input_ids (-100 where no loss is wanted)."
+            )
         use_cache = kwargs.get("use_cache", self.config.text_config.use_cache)
         flex_call, cache = self._prepare_flex_call(
             input_ids,
