@@ -146,6 +146,17 @@ def _hierarchical_rows(
     return outputs.transpose(1, 2), active
 
 
+def _with_zero_high_res_gradient(module: torch.nn.Module, attn_output: torch.Tensor) -> torch.Tensor:
+    """Give the hr projections of a layer that did not use them a zero gradient.
+
+    DDP without `find_unused_parameters` (the Trainer's choice under gradient checkpointing) waits for a gradient
+    of every trainable parameter; a batch in which no row selected a high-res token would otherwise hang it.
+    Calling the modules (not their weights) also reaches LoRA and `modules_to_save` wrappers.
+    """
+    probe = attn_output.new_zeros(1, module.config.hidden_size)
+    return attn_output + 0.0 * (module.hr_k_proj(probe).sum() + module.hr_v_proj(probe).sum())
+
+
 def flex_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -159,12 +170,34 @@ def flex_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain attention for every row, then hierarchical attention / selection for the high-res rows."""
     attn_output, attn_weights = base_attention(module, query, key, value, attention_mask, **kwargs)
+    hierarchical = _high_res_rows_output(module, query, key, value, attention_mask, attn_output, flex_call, kwargs)
+    if hierarchical is not None:
+        return hierarchical, attn_weights
+    if torch.is_grad_enabled() and hasattr(module, "hr_k_proj"):
+        attn_output = _with_zero_high_res_gradient(module, attn_output)
+    return attn_output, attn_weights
+
+
+def _high_res_rows_output(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    attn_output: torch.Tensor,
+    flex_call: FlexCall | None,
+    kwargs: dict,
+) -> torch.Tensor | None:
+    """`attn_output` with the high-res rows replaced by their hierarchical output (None if this layer has none).
+
+    Also stores the selection this layer makes for the layer above.
+    """
     layer_idx = getattr(module, "layer_idx", None)
     if flex_call is None or layer_idx is None:
-        return attn_output, attn_weights
+        return None
     is_flex_layer = hasattr(module, "hr_k_proj") and layer_idx in flex_call.selections
     if not (is_flex_layer or flex_call.makes_selection(layer_idx)):
-        return attn_output, attn_weights
+        return None
 
     scaling = kwargs.get("scaling")
     if scaling is None:
@@ -177,13 +210,13 @@ def flex_attention_forward(
     if flex_call.makes_selection(layer_idx):
         _select_for_next_layer(flex_call, layer_idx, row_queries, row_keys, allowed, scaling)
     if not is_flex_layer:
-        return attn_output, attn_weights
+        return None
 
     result = _hierarchical_rows(
         module, flex_call, flex_call.selections[layer_idx], row_queries, row_keys, row_values, allowed, scaling
     )
     if result is None:
-        return attn_output, attn_weights
+        return None
     row_outputs, active = result
     batch_index = flex_call.row_samples[:, None].expand_as(active)[active]
     query_index = flex_call.row_index[active]
@@ -191,8 +224,7 @@ def flex_attention_forward(
     if flex_call.alpha != 1.0:
         plain = attn_output[batch_index, query_index]
         hierarchical = plain + flex_call.alpha * (hierarchical - plain)
-    attn_output = attn_output.index_put((batch_index, query_index), hierarchical)
-    return attn_output, attn_weights
+    return attn_output.index_put((batch_index, query_index), hierarchical)
 
 
 def _flex_sdpa(module, query, key, value, attention_mask, **kwargs):

@@ -1,0 +1,273 @@
+"""Fine-tune a FlexAttention Llava model with LoRA and the stock `Trainer`, then reload the adapter and generate.
+
+With no arguments it runs end to end in a minute on a CPU: it builds the tiny random Llava model of
+`hf_flexattention.tiny`, patches it, writes a small synthetic LLaVA-format dataset (coloured signs, "what color is
+the sign ?" -> the colour word) into a temporary folder, trains a LoRA adapter with Trainer's progress bar, saves
+the adapter to `--output-dir`, reloads it onto a freshly patched base model and answers a question:
+
+    python examples/train_lora.py
+
+On real data (LLaVA's conversation JSON, e.g. `llava_v1_5_mix665k.json`, plus its image folder):
+
+    python examples/train_lora.py --model llava-hf/llava-1.5-7b-hf --data data.json --image-folder images/ \\
+        --output-dir llava-flex-lora --n-fa 23 --threshold 0.188 --bf16 --gradient-checkpointing \\
+        --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --learning-rate 2e-4 --num-train-epochs 1
+
+Every `TrainingArguments` flag works (`--max-steps`, `--save-steps`, `--report-to`, ...);
+`--resume-from-checkpoint PATH` (or `last`) continues a run, warm-up included. The model is patched before LoRA
+is added (`patch_model` refuses a PEFT model); LoRA targets the language model's attention only
+(`lora_target_modules()`), and `hr_k_proj`/`hr_v_proj` are trained in full (`--high-res-projections save`, PEFT
+`modules_to_save`), with LoRA (`lora`) or not at all (`frozen`). `--full` fine-tunes every language-model and
+projector weight instead (vision tower frozen) and saves a complete FlexAttention checkpoint.
+`FlexAttentionWarmupCallback` ramps the high-res blend in from 0 as the official recipe does
+(`alpha = min(1, epoch * warmup)`).
+
+Several processes / machines. The script runs unchanged under torchrun or accelerate, which start one process
+per device and let `Trainer` wrap the model in DDP (gloo on CPUs, NCCL on GPUs):
+
+    torchrun --nproc_per_node 2 examples/train_lora.py                       # 2 CPU processes (gloo)
+    torchrun --nnodes 2 --node_rank 0 --master_addr host0 --nproc_per_node 8 examples/train_lora.py ...
+    accelerate launch --num_processes 8 examples/train_lora.py ...
+
+For models that do not fit on one device per replica, pass a DeepSpeed or FSDP config to `Trainer` through its
+usual flags (FlexAttention needs nothing special: the hr projections are ordinary `nn.Linear`s of the decoder
+layers):
+
+    torchrun --nproc_per_node 8 examples/train_lora.py ... --deepspeed ds_zero3.json
+    # ds_zero3.json: {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+    #                 "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+    #                 "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+    torchrun --nproc_per_node 8 examples/train_lora.py ... --fsdp "full_shard auto_wrap" \\
+        --fsdp-config fsdp.json
+    # fsdp.json: {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]}
+
+(the paper's authors trained the full model with DeepSpeed ZeRO-3 and CPU offload). A batch whose rows select no
+high-res token still gives the hr projections a (zero) gradient, so DDP works with Trainer's default
+`ddp_find_unused_parameters`.
+"""
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a source checkout
+
+import torch  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    HfArgumentParser,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_flexattention import FlexLlavaForConditionalGeneration, is_patched, patch_model  # noqa: E402
+from hf_flexattention.data import (  # noqa: E402
+    LlavaConversationCollator,
+    LlavaConversationDataset,
+    write_colour_dataset,
+)
+from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
+from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa: E402
+from hf_flexattention.training import FlexAttentionWarmupCallback, lora_target_modules  # noqa: E402
+
+
+TINY_SEED = 0
+
+
+@dataclass
+class ScriptArguments:
+    """What to train and how to patch it (the `TrainingArguments` flags are accepted too)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Llava checkpoint (hub id or folder); default: the tiny random model."}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "LLaVA conversation JSON; default: a synthetic dataset made in code."}
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the JSON's image paths are relative to (default: the JSON's)."}
+    )
+    n_fa: int | None = field(
+        default=None, metadata={"help": "FlexAttention layers at the top (default: the release's 23 of 32 ratio)."}
+    )
+    threshold: float = field(default=48 / 255, metadata={"help": "Selection threshold in [0, 1)."})
+    zoom: int = field(default=3, metadata={"help": "High-res side over the vision tower's input side."})
+    warmup: float = field(default=10.0, metadata={"help": "Warm-up rate: alpha = min(1, epoch * warmup)."})
+    full: bool = field(default=False, metadata={"help": "Full fine-tuning (no LoRA); the vision tower stays frozen."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    high_res_projections: str = field(
+        default="save",
+        metadata={
+            "help": "How hr_k_proj/hr_v_proj train with LoRA: 'save' (in full, modules_to_save), 'lora' or 'frozen'.",
+            "choices": ["save", "lora", "frozen"],
+        },
+    )
+    max_length: int = field(default=2048, metadata={"help": "Longest tokenised sample (image tokens included)."})
+    padding_side: str = field(default="right", metadata={"help": "'right' or 'left'."})
+    dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPUs that have it, else fp32), float32, ..."}
+    )
+    tiny_samples: int = field(default=64, metadata={"help": "Size of the synthetic dataset (without --data)."})
+    question: str = field(
+        default="what color is the sign ?", metadata={"help": "Question asked about the first image at the end."}
+    )
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
+    """Parse script and `TrainingArguments` flags; the defaults depend on whether a real `--model` is given."""
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    tiny = not any(arg == "--model" or arg.startswith("--model=") for arg in (sys.argv[1:] if argv is None else argv))
+    defaults = {
+        "output_dir": "flex-llava-lora",
+        "per_device_train_batch_size": 4,
+        "logging_steps": 10,
+        "report_to": "none",
+        "dataloader_pin_memory": torch.accelerator.is_available(),
+    }
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Under torchrun without GPUs, accelerate sets up gloo DDP only when told to use the CPU; otherwise every
+        # process silently trains its own copy on the whole dataset.
+        defaults["use_cpu"] = True
+    if tiny:
+        # The tiny model is random: a high learning rate and a few epochs show the loss falling within a minute.
+        defaults.update(learning_rate=1e-2, num_train_epochs=3, logging_steps=5, save_strategy="no", seed=TINY_SEED)
+    parser.set_defaults(**defaults)
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return script_args, training_args
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def default_n_fa(num_layers: int) -> int:
+    """The released model's ratio (23 FlexAttention layers of 32), at least 1 and at most L - 1."""
+    return min(num_layers - 1, max(1, round(num_layers * 23 / 32)))
+
+
+def load_base(script_args: ScriptArguments) -> FlexLlavaForConditionalGeneration:
+    """The patched base model (frozen LoRA base, or the model to fine-tune in full)."""
+    if script_args.model is None:
+        model = build_tiny_llava(seed=TINY_SEED)
+    else:
+        dtype = resolve_dtype(script_args.dtype)
+        config = AutoConfig.from_pretrained(script_args.model)
+        model_class = (
+            FlexLlavaForConditionalGeneration if config.model_type == "flex_llava" else LlavaForConditionalGeneration
+        )
+        model = model_class.from_pretrained(script_args.model, dtype=dtype)
+    num_layers = model.config.text_config.num_hidden_layers
+    n_fa = script_args.n_fa if script_args.n_fa is not None else default_n_fa(num_layers)
+    if is_patched(model) and script_args.n_fa is None:
+        return model  # a FlexAttention checkpoint keeps its own settings
+    return patch_model(
+        model, n_fa=n_fa, threshold=script_args.threshold, zoom=script_args.zoom, warmup=script_args.warmup
+    )
+
+
+def load_processor(script_args: ScriptArguments) -> FlexLlavaProcessor:
+    if script_args.model is None:
+        return build_tiny_processor(zoom=script_args.zoom)
+    return FlexLlavaProcessor.from_llava_processor(
+        LlavaProcessor.from_pretrained(script_args.model), zoom=script_args.zoom
+    )
+
+
+def add_lora(model: FlexLlavaForConditionalGeneration, script_args: ScriptArguments) -> PeftModel:
+    """Wrap the patched model with LoRA on the language model's attention (patch first, then LoRA)."""
+    modules_to_save = ["hr_k_proj", "hr_v_proj"] if script_args.high_res_projections == "save" else []
+    if script_args.model is None:
+        # The tiny model's random output layer caps its logits near zero (the loss could not fall below ~4.2 with
+        # attention LoRA alone); a real model's lm_head already speaks the language and stays frozen.
+        modules_to_save.append("lm_head")
+    config = LoraConfig(
+        r=script_args.lora_r,
+        lora_alpha=script_args.lora_alpha,
+        lora_dropout=script_args.lora_dropout,
+        target_modules=lora_target_modules(include_high_res=script_args.high_res_projections == "lora"),
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_trainer(
+    script_args: ScriptArguments, training_args: TrainingArguments, data_folder: str
+) -> tuple[Trainer, LlavaConversationCollator, LlavaConversationDataset]:
+    processor = load_processor(script_args)
+    if script_args.data is None:
+        data_path = write_colour_dataset(data_folder, num_samples=script_args.tiny_samples, seed=TINY_SEED)
+    else:
+        data_path = script_args.data
+    dataset = LlavaConversationDataset(data_path, image_folder=script_args.image_folder)
+    collator = LlavaConversationCollator(
+        processor, max_length=script_args.max_length, padding_side=script_args.padding_side
+    )
+    model = load_base(script_args)
+    if script_args.full:
+        model.model.vision_tower.requires_grad_(False)
+    else:
+        model = add_lora(model, script_args)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[FlexAttentionWarmupCallback()],
+    )
+    return trainer, collator, dataset
+
+
+def reload_and_generate(script_args: ScriptArguments, output_dir: str, collator, dataset) -> str:
+    """Load what training saved onto a fresh base and answer `--question` about the first image of the data."""
+    if script_args.full:
+        model = FlexLlavaForConditionalGeneration.from_pretrained(output_dir)
+    else:
+        model = PeftModel.from_pretrained(load_base(script_args), output_dir)
+    model.eval()
+    index = next((i for i in range(len(dataset)) if dataset.image_path(i) is not None), None)
+    sample = dataset[index] if index is not None else None
+    question = ("<image>\n" if sample is not None else "") + script_args.question
+    prompt = collator.generation_prompt([{"from": "human", "value": question}])
+    inputs = collator.processor(images=[sample.image] if sample else None, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs.to(model.device), max_new_tokens=8, do_sample=False)
+    answer = collator.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    reference = next((turn["value"] for turn in sample.conversations if turn["from"] == "gpt"), None) if sample else ""
+    print(f"\n{prompt!r} -> {answer.strip()!r} (training answer: {reference!r})")
+    return answer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, save, reload, generate; returns the training metrics and the answer (for tests)."""
+    script_args, training_args = parse_arguments(argv)
+    with tempfile.TemporaryDirectory() as data_folder:
+        trainer, collator, dataset = build_trainer(script_args, training_args, data_folder)
+        if not script_args.full and trainer.is_world_process_zero():
+            trainer.model.print_trainable_parameters()
+        # `--resume-from-checkpoint last` resumes from the newest checkpoint in --output-dir.
+        resume = training_args.resume_from_checkpoint
+        result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        trainer.save_model(training_args.output_dir)  # the adapter (LoRA) or the whole model (--full); rank 0 only
+        trainer.save_state()  # trainer_state.json: log history, global step, epoch
+        trainer.accelerator.wait_for_everyone()
+        answer = None
+        if trainer.is_world_process_zero():
+            answer = reload_and_generate(script_args, training_args.output_dir, collator, dataset)
+        trainer.accelerator.wait_for_everyone()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"metrics": result.metrics, "losses": losses, "answer": answer}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""LLaVA conversation data (issue 3): rendering, label masking, padding, mixed batches and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from hf_flexattention import patch_model
+from hf_flexattention.data import (
+    IGNORE_INDEX,
+    LlavaConversationCollator,
+    LlavaConversationDataset,
+    LlavaSample,
+    write_colour_dataset,
+)
+from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_llava, build_tiny_processor
+
+from .conftest import make_image
+
+
+# The chat template that llava-hf/llava-1.5-*-hf processors ship (assistant turns end with a space, no EOS).
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+MULTI_TURN = [
+    {"from": "human", "value": "<image>\nwhat color is the sign ?"},
+    {"from": "gpt", "value": "red and white"},
+    {"from": "human", "value": "is it a car ?"},
+    {"from": "gpt", "value": "no"},
+]
+TEXT_ONLY = [{"from": "human", "value": "what is two and three ?"}, {"from": "gpt", "value": "five"}]
+
+
+@pytest.fixture(scope="module")
+def template_processor():
+    processor = build_tiny_processor()
+    processor.chat_template = LLAVA_HF_TEMPLATE
+    return processor
+
+
+@pytest.fixture(params=["v1", "chat_template"])
+def collator(request, processor, template_processor):
+    return LlavaConversationCollator(processor if request.param == "v1" else template_processor)
+
+
+def supervised_text(collator, batch, row):
+    labels = batch["labels"][row]
+    return collator.processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
+
+
+def real_tokens(batch, row):
+    return batch["input_ids"][row][batch["attention_mask"][row].bool()]
+
+
+def test_v1_format_supervises_every_answer_turn_with_its_end_token(processor):
+    collator = LlavaConversationCollator(processor)
+    batch = collator([LlavaSample(MULTI_TURN, make_image(1))])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.replace("<image> " * 64, "<image> ") == (
+        "USER: <image> what color is the sign ? ASSISTANT: red and white </s> USER: is it a car ? ASSISTANT: no </s>"
+    )
+    assert supervised_text(collator, batch, 0) == "red and white </s> no </s>"
+    assert int((batch["input_ids"] == TINY_IMAGE_TOKEN_ID).sum()) == processor.num_image_tokens
+
+
+def test_the_image_opens_its_turn_as_in_llava(collator):
+    trailing = [{"from": "human", "value": "what is in the image ? <image>"}, {"from": "gpt", "value": "a cat"}]
+    assert collator.generation_prompt(trailing[:1]) == "USER: <image>\nwhat is in the image ? ASSISTANT:"
+
+
+def test_chat_template_answers_are_supervised_and_end_with_eos(template_processor):
+    collator = LlavaConversationCollator(template_processor)
+    batch = collator([LlavaSample(MULTI_TURN, make_image(1))])
+    text = template_processor.tokenizer.decode(batch["input_ids"][0])
+    # The template's trailing space after each answer becomes EOS, so the model learns to stop.
+    assert text.replace("<image> " * 64, "<image> ") == (
+        "USER: <image> what color is the sign ? ASSISTANT: red and white </s> USER: is it a car ? ASSISTANT: no </s>"
+    )
+    assert supervised_text(collator, batch, 0) == "red and white </s> no </s>"
+    no_eos = LlavaConversationCollator(template_processor, append_eos=False)([LlavaSample(MULTI_TURN, make_image(1))])
+    assert supervised_text(collator, no_eos, 0) == "red and white no"
+
+
+def test_the_generation_prompt_is_the_training_text_before_the_answer(collator):
+    batch = collator([LlavaSample(MULTI_TURN[:2], make_image(1))])
+    first_answer = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    prompt = collator.generation_prompt(MULTI_TURN[:1])
+    inputs = collator.processor(images=[make_image(1)], text=[prompt], return_tensors="pt")
+    # What generate continues from is exactly what training conditioned the first answer token on.
+    assert torch.equal(inputs["input_ids"][0], batch["input_ids"][0, :first_answer])
+
+
+def test_the_system_prompt_is_not_supervised(processor):
+    collator = LlavaConversationCollator(processor, system_prompt="a picture")
+    batch = collator([LlavaSample(TEXT_ONLY)])
+    assert processor.tokenizer.decode(real_tokens(batch, 0)).startswith("a picture USER:")
+    assert supervised_text(collator, batch, 0) == "five </s>"
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_mixed_batch_pads_and_masks(processor, padding_side):
+    collator = LlavaConversationCollator(processor, padding_side=padding_side)
+    samples = [
+        LlavaSample(MULTI_TURN, make_image(1)),
+        LlavaSample(TEXT_ONLY),
+        LlavaSample(MULTI_TURN[:2], make_image(2)),
+    ]
+    batch = collator(samples)
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "pixel_values",
+        "high_res_pixel_values",
+        "original_image_sizes",
+    }
+    assert batch["high_res_pixel_values"].shape == (2, 3, 96, 96)  # one per image-bearing sample, in batch order
+    assert batch["original_image_sizes"].tolist() == [[40, 60], [40, 60]]
+    padding = ~batch["attention_mask"].bool()
+    assert padding.any() and bool((batch["labels"][padding] == IGNORE_INDEX).all())
+    assert bool((batch["input_ids"][padding] == processor.tokenizer.pad_token_id).all())
+    edge = 0 if padding_side == "left" else -1
+    assert not bool(batch["attention_mask"][1, edge])  # the short text-only sample is padded on that side
+    for row, sample in enumerate(samples):  # padding does not change a sample's tokens or labels
+        alone = collator([sample])
+        assert torch.equal(real_tokens(batch, row), alone["input_ids"][0])
+        assert torch.equal(batch["labels"][row][batch["attention_mask"][row].bool()], alone["labels"][0])
+
+
+def test_a_mixed_batch_trains_through_the_high_res_path(processor):
+    collator = LlavaConversationCollator(processor)
+    batch = collator([LlavaSample(MULTI_TURN, make_image(1)), LlavaSample(TEXT_ONLY)])
+    model = patch_model(build_tiny_llava(), n_fa=2).train()
+    trace = []
+    loss = model(**batch, flex_trace=trace).loss
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    # Every answer row of the image sample ("red and white </s> no </s>": 6 rows) selected high-res tokens.
+    supervised = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())
+    assert supervised == 6
+    assert all(int((counts > 0).sum()) == supervised for _, counts in trace)
+
+
+def test_dataset_reads_llava_json_and_images(tmp_path, processor):
+    json_path = write_colour_dataset(tmp_path, num_samples=6)
+    dataset = LlavaConversationDataset(json_path)  # images relative to the JSON's folder by default
+    assert len(dataset) == 6
+    with_image, text_only = dataset[0], dataset[4]
+    assert with_image.image.mode == "RGB" and with_image.conversations[0]["value"].startswith("<image>\n")
+    assert text_only.image is None and dataset.image_path(4) is None
+    moved = tmp_path / "elsewhere.json"
+    moved.write_text(open(json_path).read())
+    assert LlavaConversationDataset(moved, image_folder=tmp_path)[0].image.size == with_image.image.size
+    batch = LlavaConversationCollator(processor)([dataset[index] for index in range(6)])
+    assert batch["high_res_pixel_values"].shape[0] == 5
+
+
+def test_truncation_keeps_what_fits(processor):
+    collator = LlavaConversationCollator(processor, max_length=75)
+    batch = collator([LlavaSample(MULTI_TURN, make_image(1))])
+    assert batch["input_ids"].shape[1] == 75
+    assert supervised_text(collator, batch, 0) == "red and white"
+
+
+# ----- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_labels_that_do_not_match_input_ids_raise(processor):
+    batch = LlavaConversationCollator(processor)([LlavaSample(MULTI_TURN, make_image(1)), LlavaSample(TEXT_ONLY)])
+    model = patch_model(build_tiny_llava(), n_fa=2).train()
+    with pytest.raises(ValueError, match="align token by token"):
+        model(**dict(batch, labels=batch["labels"][:, :-1]))
+    with pytest.raises(ValueError, match="align token by token"):
+        model(**dict(batch, labels=batch["labels"][:1]))
+
+
+def test_labels_that_do_not_match_input_ids_raise_for_text_only_batches(processor):
+    batch = LlavaConversationCollator(processor)([LlavaSample(TEXT_ONLY), LlavaSample(TEXT_ONLY)])
+    model = patch_model(build_tiny_llava(), n_fa=2).train()
+    with pytest.raises(ValueError, match="align token by token"):
+        model(**dict(batch, labels=batch["labels"][:, :-1]))
+
+
+@pytest.mark.parametrize(
+    ("conversations", "has_image", "message"),
+    [
+        (MULTI_TURN, False, "has no image but holds 1 '<image>'"),
+        (TEXT_ONLY, True, "has an image but holds 0 '<image>'"),
+        ([{"from": "human", "value": "<image>\n<image>\nwhat ?"}, {"from": "gpt", "value": "red"}], True, "holds 2"),
+        ([{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "<image>"}], False, "only appear in a human"),
+        ([{"from": "human", "value": "<image>\nwhat color ?"}], True, "no answer turn"),
+        ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "no"}], False, "unknown role 'robot'"),
+        ([{"from": "human"}], False, "string 'value'"),
+        ([], False, "non-empty list"),
+    ],
+)
+def test_bad_conversations_raise_with_the_fix(tmp_path, processor, conversations, has_image, message):
+    image = make_image(1) if has_image else None
+    with pytest.raises((ValueError, TypeError), match=message):
+        LlavaConversationCollator(processor)([LlavaSample(conversations, image)])
+    record = {"id": "x", "conversations": conversations}
+    if has_image:
+        make_image(1).save(tmp_path / "a.png")
+        record["image"] = "a.png"
+    with pytest.raises((ValueError, TypeError), match=message):
+        LlavaConversationDataset([record], image_folder=tmp_path)  # caught before training starts
+
+
+@pytest.mark.parametrize("content", [None, b"not an image at all"])
+def test_an_image_that_cannot_be_opened_names_the_file(tmp_path, content):
+    if content is not None:
+        (tmp_path / "broken.jpg").write_bytes(content)
+    record = {"id": "7", "image": "broken.jpg", "conversations": MULTI_TURN}
+    dataset = LlavaConversationDataset([record], image_folder=tmp_path)
+    with pytest.raises(ValueError, match=r"sample 0 \(id '7'\): cannot open image file '.*broken\.jpg'"):
+        dataset[0]
+
+
+def test_truncation_that_cuts_the_image_or_every_answer_raises(processor):
+    sample = LlavaSample(MULTI_TURN, make_image(1))
+    with pytest.raises(ValueError, match="would cut its image tokens"):
+        LlavaConversationCollator(processor, max_length=40)([sample])
+    with pytest.raises(ValueError, match="no supervised answer token within max_length=71"):
+        LlavaConversationCollator(processor, max_length=71)([sample])
+
+
+def test_a_batch_stripped_by_trainer_asks_for_remove_unused_columns(processor):
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        LlavaConversationCollator(processor)([{"input_ids": [1, 2]}])
+
+
+def test_bad_collator_settings_raise(processor):
+    with pytest.raises(ValueError, match="padding_side"):
+        LlavaConversationCollator(processor, padding_side="middle")
+    with pytest.raises(ValueError, match="max_length"):
+        LlavaConversationCollator(processor, max_length=0)
+
+
+def test_a_json_that_is_not_a_list_raises(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"conversations": TEXT_ONLY}))
+    with pytest.raises(TypeError, match="JSON list"):
+        LlavaConversationDataset(path)
+    with pytest.raises(TypeError, match="one relative path"):
+        LlavaConversationDataset([{"image": ["a.jpg", "b.jpg"], "conversations": MULTI_TURN}])
