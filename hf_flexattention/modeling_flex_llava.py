@@ -17,7 +17,6 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import (
-    FLEX_ATTENTION_PREFIX,
     base_implementation_name,
     flex_implementation_name,
     register_flex_attention,
@@ -491,4 +490,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["FLEX_ATTENTION_PREFIX", "FlexLlavaForConditionalGeneration"]
+__all__ = ["FlexLlavaForConditionalGeneration"]

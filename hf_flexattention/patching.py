@@ -22,6 +22,10 @@ from .modeling_flex_llava import (
 
 SUPPORTED_MODEL_CLASSES = (LlavaForConditionalGeneration,)
 _ORIGINAL_CLASSES = "_flex_original_classes"
+_ORIGINAL_CONFIG_ENTRIES = "_flex_original_config_entries"
+# Config entries that patching or saving the patched model changes on the instance: `model_type` (loaded configs
+# carry it as an instance attribute that would hide the class's "flex_llava"), and what `save_pretrained` writes.
+_CONFIG_ENTRIES_TO_RESTORE = ("model_type", "architectures", "auto_map")
 
 
 def _flex_fields() -> list[str]:
@@ -134,6 +138,9 @@ def patch_model(
         original_attention = config.text_config._attn_implementation_internal
         install_flex_attention(model)  # validates the attention implementation before anything changes
         setattr(model, _ORIGINAL_CLASSES, (type(model), type(config), original_attention))
+        entries = {name: config.__dict__[name] for name in _CONFIG_ENTRIES_TO_RESTORE if name in config.__dict__}
+        setattr(model, _ORIGINAL_CONFIG_ENTRIES, entries)
+        config.__dict__.pop("model_type", None)
         config.__class__ = FlexLlavaConfig
         model.__class__ = FlexLlavaForConditionalGeneration
     for name, value in settings.items():
@@ -160,8 +167,14 @@ def unpatch_model(model: FlexLlavaForConditionalGeneration) -> LlavaForCondition
         text_config._attn_implementation
     )
     model.__class__ = model_class
-    if hasattr(model, _ORIGINAL_CLASSES):
-        delattr(model, _ORIGINAL_CLASSES)
+    entries = getattr(model, _ORIGINAL_CONFIG_ENTRIES, {})
+    for name in _CONFIG_ENTRIES_TO_RESTORE:
+        config.__dict__.pop(name, None)
+        if name in entries:
+            config.__dict__[name] = entries[name]
+    for name in (_ORIGINAL_CLASSES, _ORIGINAL_CONFIG_ENTRIES):
+        if hasattr(model, name):
+            delattr(model, name)
     return model
 
 

@@ -203,3 +203,15 @@ def test_bad_high_res_inputs_raise_with_the_fix(single_inputs, batch_inputs):
         model(**single_inputs, labels=single_inputs["input_ids"][:, :-1])
     with pytest.raises(TypeError, match="tensor"):
         model(input_ids=single_inputs["input_ids"], high_res_pixel_values=[1, 2])
+
+
+def test_a_loaded_model_patched_saved_and_unpatched_gets_its_config_back(tmp_path):
+    build_tiny_llava().save_pretrained(tmp_path / "stock")
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "stock")
+    config_before = model.config.to_dict()
+    patch_model(model, n_fa=2)
+    assert model.config.model_type == "flex_llava"  # not hidden by the loaded config's instance attribute
+    model.save_pretrained(tmp_path / "flex")  # writes architectures and auto_map onto the config
+    unpatch_model(model)
+    assert model.config.to_dict() == config_before
+    assert model.config.model_type == "llava"
