@@ -314,6 +314,14 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             rows = torch.arange(q_length, device=device)[None] == last_real[:, None]
         return rows & real & (state.sample_image >= 0)[:, None]
 
+    def _sliding_window(self) -> int | None:
+        """The language model's sliding attention window, if any layer uses one."""
+        text_config = self.config.text_config
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+        return getattr(text_config, "sliding_window", None)
+
     def _flex_alpha(self) -> float:
         """Warm-up blend weight of the hierarchical output: `min(1, progress * warmup)` in training, else 1."""
         progress = getattr(self, "flex_training_progress", None)
@@ -367,6 +375,13 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return None, cache
 
         q_length = (input_ids if input_ids is not None else attention_mask).shape[1]
+        window = self._sliding_window()
+        if window is not None and past_length + q_length > window:
+            raise ValueError(
+                f"The sequence ({past_length + q_length} tokens) is longer than the language model's sliding window "
+                f"({window}): FlexAttention needs every low-res image key in the cache. Shorten the prompt, or load "
+                "the model with `text_config.sliding_window=None` if it was trained with full attention."
+            )
         rows = self._high_res_rows(state, q_length, past_length, labels, attention_mask, flex_answer_start)
         counts = rows.sum(dim=1)
         row_samples = (counts > 0).nonzero().squeeze(1)

@@ -215,3 +215,11 @@ def test_a_loaded_model_patched_saved_and_unpatched_gets_its_config_back(tmp_pat
     unpatch_model(model)
     assert model.config.to_dict() == config_before
     assert model.config.model_type == "llava"
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused(single_inputs):
+    model = build_tiny_llava("mistral")
+    model.config.text_config.sliding_window = 16
+    patch_model(model, n_fa=2)
+    with pytest.raises(ValueError, match="sliding window"):
+        model(**single_inputs)
