@@ -16,13 +16,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from .projections import memoised_projections, project_tokens
 from .selection import select_high_res_tokens
-from .state import FlexCall
+from .state import FlexCall, pack_true_indices
 
 
 FLEX_ATTENTION_PREFIX = "flexattn_"
@@ -36,14 +36,6 @@ def flex_implementation_name(base: str) -> str:
 def base_implementation_name(name: str) -> str:
     """The backbone implementation wrapped by a FlexAttention implementation name (identity for other names)."""
     return name.removeprefix(FLEX_ATTENTION_PREFIX)
-
-
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    """Expand `(b, kv_heads, s, d)` grouped keys/values to `(b, kv_heads * groups, s, d)`."""
-    if groups == 1:
-        return states
-    batch, heads, length, dim = states.shape
-    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
 
 
 def _eager_attention_of(module: torch.nn.Module):
@@ -78,7 +70,7 @@ def _select_for_next_layer(
 ) -> None:
     """Store in `call.selections[layer_idx + 1]` the high-res tokens each row selects from its plain attention."""
     with torch.no_grad():
-        keys = _repeat_kv(row_keys, row_queries.shape[1] // row_keys.shape[1])
+        keys = repeat_kv(row_keys, row_queries.shape[1] // row_keys.shape[1])
         scores = torch.matmul(row_queries.float(), keys.float().transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=1)  # rows_batch, rows, kv
@@ -118,14 +110,10 @@ def _hierarchical_rows(
     `(outputs (rows_batch, rows, heads, dim), active rows mask)` or None if nothing is
     selected.
     """
-    union = selected.any(dim=1)  # rows_batch, M
-    counts = union.sum(dim=-1)
-    width = int(counts.max())
+    order, slot_valid = pack_true_indices(selected.any(dim=1))  # the union of each sequence's rows
+    width = order.shape[1]
     if width == 0:
         return None
-    # Selected token indices first (in grid order), padding after them.
-    order = torch.argsort((~union).to(torch.int8), dim=-1, stable=True)[:, :width]
-    slot_valid = torch.arange(width, device=order.device) < counts[:, None]
     batch, kv_heads, _, head_dim = row_keys.shape
     if torch.is_grad_enabled():
         hr_keys, hr_values = project_tokens(module, call.state, call.row_images, order, head_dim)
@@ -140,8 +128,8 @@ def _hierarchical_rows(
     active = hr_allowed.any(dim=-1) & call.row_valid
     mask = torch.cat([allowed, hr_allowed], dim=-1) | ~active[..., None]  # inactive rows are discarded later
     groups = row_queries.shape[1] // kv_heads
-    keys = _repeat_kv(torch.cat([row_keys, hr_keys.to(row_keys.dtype)], dim=2), groups)
-    values = _repeat_kv(torch.cat([row_values, hr_values.to(row_values.dtype)], dim=2), groups)
+    keys = repeat_kv(torch.cat([row_keys, hr_keys.to(row_keys.dtype)], dim=2), groups)
+    values = repeat_kv(torch.cat([row_values, hr_values.to(row_values.dtype)], dim=2), groups)
     outputs = F.scaled_dot_product_attention(row_queries, keys, values, attn_mask=mask[:, None], scale=scaling)
     return outputs.transpose(1, 2), active
 

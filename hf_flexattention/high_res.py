@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 def split_into_tiles(images: torch.Tensor, tile_size: int) -> torch.Tensor:
@@ -50,12 +51,6 @@ def interpolate_rotary(table: torch.Tensor, high_res_grid: int) -> torch.Tensor:
     planes = table.float().reshape(n, grid, grid, dim).permute(0, 3, 1, 2)
     resized = F.interpolate(planes, size=(high_res_grid, high_res_grid), mode="bicubic", align_corners=False)
     return resized.permute(0, 2, 3, 1).reshape(n, high_res_grid * high_res_grid, dim)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The half-rotation of the standard (Llama/Mistral/Qwen2) rotary embedding."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .attention import (
 )
 from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION, FlexLlavaConfig
 from .high_res import encode_high_res_features, interpolate_rotary
-from .state import CACHE_ATTRIBUTE, FlexCall, FlexState
+from .state import CACHE_ATTRIBUTE, FlexCall, FlexState, pack_true_indices
 
 
 logger = logging.get_logger(__name__)
@@ -383,13 +383,10 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 "the model with `text_config.sliding_window=None` if it was trained with full attention."
             )
         rows = self._high_res_rows(state, q_length, past_length, labels, attention_mask, flex_answer_start)
-        counts = rows.sum(dim=1)
-        row_samples = (counts > 0).nonzero().squeeze(1)
+        row_samples = rows.any(dim=1).nonzero().squeeze(1)
         if row_samples.numel() == 0:
             return None, cache
-        width = int(counts.max())
-        order = torch.argsort((~rows[row_samples]).to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=order.device) < counts[row_samples][:, None]
+        order, valid = pack_true_indices(rows[row_samples])
         call = FlexCall(
             state=state,
             row_samples=row_samples,

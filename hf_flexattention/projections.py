@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .high_res import apply_rotary
-from .state import FlexState
+from .state import FlexState, pack_true_indices
 
 
 def project_tokens(
@@ -93,12 +93,9 @@ def memoised_projections(
     needed[images[:, None].expand_as(tokens)[valid], tokens[valid]] = True
     memo = memos.get(layer_idx)
     new = needed if memo is None else needed & (memo.slot < 0)
-    new_counts = new.sum(dim=1)
-    if int(new_counts.max()) > 0:
-        new_images = (new_counts > 0).nonzero().squeeze(1)
-        width = int(new_counts.max())
-        new_tokens = torch.argsort((~new[new_images]).to(torch.int8), dim=1, stable=True)[:, :width]
-        new_valid = torch.arange(width, device=tokens.device) < new_counts[new_images][:, None]
+    new_images = new.any(dim=1).nonzero().squeeze(1)
+    if new_images.numel() > 0:
+        new_tokens, new_valid = pack_true_indices(new[new_images])
         keys, values = project_tokens(module, state, new_images, new_tokens, head_dim)
         if memo is None:
             memo = memos[layer_idx] = ProjectionMemo.empty(state, keys)

@@ -19,6 +19,17 @@ import torch
 CACHE_ATTRIBUTE = "flex_state"
 
 
+def pack_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a `(b, n)` bool mask, the ascending indices of its True entries, padded to the fullest row.
+
+    Returns `(indices (b, w), valid (b, w))`; `w` is 0 when no entry is True.
+    """
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if mask.shape[0] else 0
+    indices = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    return indices, torch.arange(width, device=mask.device) < counts[:, None]
+
+
 @dataclass
 class FlexState:
     """High-res data of the sequences in a batch.
