@@ -126,6 +126,16 @@ def high_res_rows(model, batch):
     return [int((counts > 0).sum()) for _, counts in trace]
 
 
+def flex_trainer(model, args, dataset, collator) -> Trainer:
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[FlexAttentionWarmupCallback()],
+    )
+
+
 # ----- LoRA targets ---------------------------------------------------------------------------------------------
 
 
@@ -240,13 +250,7 @@ def test_warmup_callback_alpha_values(tmp_path, image_dataset, collator):
     model = flex_model(warmup=2.0)
     seen = record_alpha(model)
     args = training_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=1)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=image_dataset,
-        data_collator=collator,
-        callbacks=[FlexAttentionWarmupCallback()],
-    )
+    trainer = flex_trainer(model, args, image_dataset, collator)
     trainer.train()
     steps = len(image_dataset) // 2
     expected = [min(1.0, k / steps * 2.0) for k in range(steps)]  # 0, 0.25, 0.5, 0.75, 1, 1, 1, 1
@@ -278,13 +282,7 @@ def test_resuming_continues_the_alpha_and_the_loss_curve(tmp_path, image_dataset
         model = lora_model(warmup=2.0)
         seen = record_alpha(model)
         args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=image_dataset,
-            data_collator=collator,
-            callbacks=[FlexAttentionWarmupCallback()],
-        )
+        trainer = flex_trainer(model, args, image_dataset, collator)
         trainer.train(resume_from_checkpoint=resume)
         return logged_losses(trainer), seen
 
@@ -331,13 +329,7 @@ def test_gradient_checkpointing_in_trainer_gives_the_same_run(tmp_path, dataset,
     def run(checkpointing):
         model = lora_model()
         args = training_args(tmp_path / str(checkpointing), max_steps=4, gradient_checkpointing=checkpointing)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=collator,
-            callbacks=[FlexAttentionWarmupCallback()],
-        )
+        trainer = flex_trainer(model, args, dataset, collator)
         trainer.train()
         assert find_flex_model(model).is_activation_checkpointing == checkpointing
         trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -358,13 +350,8 @@ def test_lora_training_lowers_the_loss(tmp_path, dataset, collator):
     # lm_head trains too: the tiny model's random output layer caps its logits near zero (attention LoRA alone
     # cannot take the loss far below log(vocab) = 4.56).
     model = lora_model(modules_to_save=HIGH_RES + ["lm_head"])
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, max_steps=36, per_device_train_batch_size=4),
-        train_dataset=dataset,
-        data_collator=collator,
-        callbacks=[FlexAttentionWarmupCallback()],
-    )
+    args = training_args(tmp_path, max_steps=36, per_device_train_batch_size=4)
+    trainer = flex_trainer(model, args, dataset, collator)
     trainer.train()
     losses = logged_losses(trainer)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
