@@ -40,8 +40,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .modeling_flex_llava import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+
 IMAGE_PLACEHOLDER = "<image>"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
