@@ -1,13 +1,19 @@
 """The FlexAttention attention function, registered with transformers' `AttentionInterface`.
 
 The backbone's own attention module (Llama, Mistral, Qwen2, ...) still computes q/k/v, RoPE and the KV cache and
-then calls this function. Every row gets the backbone's plain attention (its `sdpa` or `eager` function). Only the
-few high-res rows of a forward call are then recomputed here:
+then calls this function. Rows that do not predict an answer get the backbone's plain attention (its `sdpa` or
+`eager` function). The high-res rows of a call are computed here:
 
 * in the layer below each FlexAttention layer, their plain attention over the low-res image tokens selects
   high-res tokens for the layer above (a small side computation, never the full attention matrix);
-* in FlexAttention layers, they attend jointly to their causal keys and their selected high-res tokens,
-  projected by that layer's `hr_k_proj` / `hr_v_proj` and rotated with interpolated RoPE.
+* in FlexAttention layers, they attend in one softmax to their causal keys and their selected high-res tokens,
+  whose keys are rotated with interpolated RoPE (paper Sec. 3.3; `projections.py` says how keys and values are
+  obtained).
+
+A one-token decode step has one row per sequence, which is the query itself: the layers that FlexAttention touches
+then compute that row's attention here and skip the backbone's call, and nothing depends on the data's values, so
+the step has the stock step's host syncs (none added) and a fixed number of operations whatever the batch size and
+whatever was selected.
 
 Shipped as remote code with saved checkpoints: torch, transformers and relative imports only.
 """
@@ -15,13 +21,12 @@ Shipped as remote code with saved checkpoints: torch, transformers and relative 
 import sys
 
 import torch
-import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .projections import memoised_projections, project_tokens
-from .selection import select_high_res_tokens
+from .projections import dense_keys, high_res_values, project_keys
+from .selection import pool_cells, random_cells, threshold_cells, topk_cells
 from .state import FlexCall, pack_true_indices
 
 
@@ -43,95 +48,129 @@ def _eager_attention_of(module: torch.nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def _allowed_keys_of_rows(
-    call: FlexCall, attention_mask: torch.Tensor | None, q_length: int, kv_length: int, device: torch.device
-) -> torch.Tensor:
-    """`(rows_batch, rows, kv)` bool: which cached/current keys each high-res row may attend to (plain mask)."""
+def _row_queries(call: FlexCall, query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The high-res rows' queries, grouped by kv head: `(batch, kv_heads, groups * rows, head_dim)`."""
+    batch, heads, _, head_dim = query.shape
+    if call.row_index is not None:
+        index = call.row_index[:, None, :, None].expand(batch, heads, -1, head_dim)
+        query = query.gather(2, index)
+    return query if heads == kv_heads else query.reshape(batch, kv_heads, -1, head_dim)
+
+
+def _row_mask(
+    call: FlexCall, attention_mask: torch.Tensor | None, q_length: int, kv_length: int, groups: int
+) -> torch.Tensor | None:
+    """The plain mask of the high-res rows, broadcastable to `(batch, kv_heads, groups * rows, kv)`.
+
+    A decode step's rows are its queries: the backbone's mask serves as it is (None, bool or additive). Gathered
+    rows get a bool mask; a padding slot may attend to every key, so that it never makes NaN (it is discarded).
+    """
+    if call.row_index is None:
+        return attention_mask
     if attention_mask is None:
         # sdpa drops the mask when it is purely causal; rebuild it lower-right aligned.
-        key_index = torch.arange(kv_length, device=device)
-        return key_index <= (call.row_index + (kv_length - q_length))[..., None]
-    if attention_mask.dtype == torch.bool:
-        allowed = attention_mask
+        key_index = torch.arange(kv_length, device=call.row_index.device)
+        allowed = key_index <= (call.row_index + (kv_length - q_length))[..., None]
     else:
-        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    allowed = allowed[:, 0].expand(-1, q_length, -1)
-    samples = call.row_samples if attention_mask.shape[0] > 1 else torch.zeros_like(call.row_samples)
-    return allowed[samples[:, None], call.row_index]
+        allowed = attention_mask
+        if allowed.dtype != torch.bool:  # eager's additive mask: 0 where allowed, the dtype's minimum elsewhere
+            allowed = allowed > torch.finfo(allowed.dtype).min / 2
+        index = call.row_index[:, None, :, None].expand(-1, allowed.shape[1], -1, kv_length)
+        allowed = allowed.expand(call.row_index.shape[0], -1, q_length, -1).gather(2, index)[:, 0]
+    allowed = allowed | ~call.row_valid[..., None]
+    return allowed[:, None].repeat(1, 1, groups, 1)
 
 
-def _select_for_next_layer(
-    call: FlexCall,
-    layer_idx: int,
-    row_queries: torch.Tensor,
-    row_keys: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-) -> None:
-    """Store in `call.selections[layer_idx + 1]` the high-res tokens each row selects from its plain attention."""
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return torch.where(mask, scores, float("-inf"))
+    return scores + mask
+
+
+def _select_for_next_layer(call: FlexCall, layer_idx: int, plain: torch.Tensor) -> None:
+    """Store in `call.selections[layer_idx + 1]` what each high-res row selects from its plain attention map.
+
+    `plain` is `(batch, kv_heads, groups * rows, kv)` float32: summed over heads, restricted to the low-res image
+    tokens, padding margin zeroed (DESIGN.md 2.5). A row of a sequence without an image selects nothing.
+    """
+    state, rows = call.state, call.rows
     with torch.no_grad():
-        keys = repeat_kv(row_keys, row_queries.shape[1] // row_keys.shape[1])
-        scores = torch.matmul(row_queries.float(), keys.float().transpose(-1, -2)) * scaling
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=1)  # rows_batch, rows, kv
-        state = call.state
-        image_positions = state.image_positions[call.row_images]  # rows_batch, N
-        rows = row_queries.shape[2]
-        image_attention = probabilities.gather(-1, image_positions[:, None, :].expand(-1, rows, -1))
-        sizes = None
-        if state.original_sizes is not None:
-            sizes = state.original_sizes[call.row_images].repeat_interleave(rows, dim=0)
-        selected = select_high_res_tokens(
-            image_attention.flatten(0, 1),
-            original_sizes=sizes,
-            generator=state.generator,
-            **call.selection_kwargs,
-        )
-        selected = selected.view(*image_attention.shape[:2], -1) & call.row_valid[..., None]
-        call.selections[layer_idx + 1] = selected
-        if call.trace is not None:
-            call.trace.append((layer_idx + 1, selected.sum(-1).cpu()))
+        if rows == 1:
+            image_attention = plain.sum(dim=(1, 2), keepdim=True)
+            positions = state.image_positions
+        else:
+            image_attention = plain.view(plain.shape[0], -1, rows, plain.shape[-1]).sum(dim=1, keepdim=True)
+            positions = state.image_positions.expand(-1, -1, rows, -1)
+        low_res_map = image_attention.gather(-1, positions) * state.inside  # batch, 1, rows, N
+        pooled = pool_cells(low_res_map, state.pooling_windows)
+        if call.mode == "threshold":
+            cells = threshold_cells(low_res_map, pooled, call.threshold)
+        elif call.mode == "topk":
+            empty = state.empty_cells if rows == 1 else None
+            cells = topk_cells(pooled, state.cell_inside, call.budget, empty)
+        else:
+            shape = (plain.shape[0], 1, rows)
+            cells = random_cells(shape, call.selection_grid, call.random_p, state.generator, plain.device)
+            cells = cells & state.cell_inside
+        selected = cells[..., state.token_cell]  # batch, 1, rows, M
+    call.selections[layer_idx + 1] = selected
+    if call.trace is not None:
+        call.trace.append((layer_idx + 1, selected.sum(dim=-1)[:, 0].cpu()))
+
+
+def _candidates(
+    module: torch.nn.Module, call: FlexCall, selected: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`(keys (batch, kv_heads, head_dim, U), features (batch, U, D), allowed (batch, 1, rows, U))`.
+
+    Inference attends over every high-res token's key, projected once at prefill, and masks the unselected ones.
+    With gradients (training), the union of the tokens a sequence's rows selected is projected, every call.
+    None when no sequence selected anything (training only: the union's size is read on the host there).
+    """
+    state = call.state
+    if not torch.is_grad_enabled():
+        keys = state.per_sequence(dense_keys(module, state, head_dim))
+        return keys, state.per_sequence(state.features), selected
+    tokens, slot_valid = pack_true_indices(selected.any(dim=2)[:, 0])
+    if tokens.shape[1] == 0:
+        return None
+    allowed = selected.gather(-1, tokens[:, None, None].expand(-1, 1, call.rows, -1)) & slot_valid[:, None, None]
+    row_image = state.row_image[:, None]
+    features = state.features[row_image, tokens]
+    keys = project_keys(module, features, state.rotary[row_image, tokens], head_dim)
+    return keys.transpose(-1, -2), features, allowed
 
 
 def _hierarchical_rows(
     module: torch.nn.Module,
     call: FlexCall,
-    selected: torch.Tensor,
-    row_queries: torch.Tensor,
-    row_keys: torch.Tensor,
-    row_values: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Joint attention of each high-res row over its causal keys and its selected high-res tokens.
+    queries: torch.Tensor,
+    scores: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor | None:
+    """Joint attention of the high-res rows over their causal keys and their selected high-res tokens.
 
-    Only the union of the tokens a sequence's rows selected is projected (one gather, one matmul per
-    projection), and at inference only tokens not projected at an earlier step. Returns
-    `(outputs (rows_batch, rows, heads, dim), active rows mask)` or None if nothing is
-    selected.
+    Args:
+        queries: `(batch, kv_heads, groups * rows, head_dim)`, already scaled.
+        scores: `(batch, kv_heads, groups * rows, kv)` their masked plain scores.
+
+    Returns:
+        `(batch, kv_heads, groups * rows, head_dim)`, or None when nothing was selected (training only).
     """
-    order, slot_valid = pack_true_indices(selected.any(dim=1))  # the union of each sequence's rows
-    width = order.shape[1]
-    if width == 0:
+    candidates = _candidates(module, call, call.selections[module.layer_idx], queries.shape[-1])
+    if candidates is None:
         return None
-    batch, kv_heads, _, head_dim = row_keys.shape
-    if torch.is_grad_enabled():
-        hr_keys, hr_values = project_tokens(module, call.state, call.row_images, order, head_dim)
-    else:
-        hr_keys, hr_values = memoised_projections(
-            call.state.projections, module.layer_idx, module, call.state, call.row_images, order, slot_valid, head_dim
-        )
-    hr_keys, hr_values = hr_keys.transpose(1, 2), hr_values.transpose(1, 2)
-
-    rows = row_queries.shape[2]
-    hr_allowed = selected.gather(-1, order[:, None, :].expand(-1, rows, -1)) & slot_valid[:, None, :]
-    active = hr_allowed.any(dim=-1) & call.row_valid
-    mask = torch.cat([allowed, hr_allowed], dim=-1) | ~active[..., None]  # inactive rows are discarded later
-    groups = row_queries.shape[1] // kv_heads
-    keys = repeat_kv(torch.cat([row_keys, hr_keys.to(row_keys.dtype)], dim=2), groups)
-    values = repeat_kv(torch.cat([row_values, hr_values.to(row_values.dtype)], dim=2), groups)
-    outputs = F.scaled_dot_product_attention(row_queries, keys, values, attn_mask=mask[:, None], scale=scaling)
-    return outputs.transpose(1, 2), active
+    keys, features, allowed = candidates
+    if call.rows > 1:
+        allowed = allowed.repeat(1, 1, queries.shape[2] // call.rows, 1)
+    high_res_scores = torch.where(allowed, queries @ keys, float("-inf"))
+    probabilities = torch.cat([scores, high_res_scores], dim=-1).softmax(dim=-1, dtype=torch.float32)
+    if probabilities.dtype != value.dtype:
+        probabilities = probabilities.to(value.dtype)
+    plain, high_res = probabilities.split([scores.shape[-1], high_res_scores.shape[-1]], dim=-1)
+    return plain @ value + high_res_values(module, high_res, features)
 
 
 def _with_zero_high_res_gradient(module: torch.nn.Module, attn_output: torch.Tensor) -> torch.Tensor:
@@ -156,63 +195,67 @@ def flex_attention_forward(
     flex_call: FlexCall | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain attention for every row, then hierarchical attention / selection for the high-res rows."""
-    attn_output, attn_weights = base_attention(module, query, key, value, attention_mask, **kwargs)
-    hierarchical = _high_res_rows_output(module, query, key, value, attention_mask, attn_output, flex_call, kwargs)
-    if hierarchical is not None:
-        return hierarchical, attn_weights
-    if torch.is_grad_enabled() and hasattr(module, "hr_k_proj"):
-        attn_output = _with_zero_high_res_gradient(module, attn_output)
-    return attn_output, attn_weights
+    """The backbone's attention for plain rows; selection and hierarchical attention for the high-res rows.
 
-
-def _high_res_rows_output(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    attn_output: torch.Tensor,
-    flex_call: FlexCall | None,
-    kwargs: dict,
-) -> torch.Tensor | None:
-    """`attn_output` with the high-res rows replaced by their hierarchical output (None if this layer has none).
-
-    Also stores the selection this layer makes for the layer above.
+    Same contract as any `AttentionInterface` function: `query` `(batch, heads, q, head_dim)`, `key`/`value`
+    `(batch, kv_heads, kv, head_dim)` (post-RoPE, post-cache), returns `((batch, q, heads, head_dim), weights)`.
     """
     layer_idx = getattr(module, "layer_idx", None)
-    if flex_call is None or layer_idx is None:
-        return None
-    is_flex_layer = hasattr(module, "hr_k_proj") and layer_idx in flex_call.selections
-    if not (is_flex_layer or flex_call.makes_selection(layer_idx)):
-        return None
+    flex_layer = flex_call is not None and flex_call.is_flex_layer(layer_idx) and hasattr(module, "hr_k_proj")
+    selects = flex_call is not None and flex_call.makes_selection(layer_idx)
+    if not (flex_layer or selects):
+        attn_output, attn_weights = base_attention(module, query, key, value, attention_mask, **kwargs)
+        if torch.is_grad_enabled() and hasattr(module, "hr_k_proj"):
+            attn_output = _with_zero_high_res_gradient(module, attn_output)
+        return attn_output, attn_weights
 
-    scaling = kwargs.get("scaling")
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    q_length, kv_length = query.shape[2], key.shape[2]
-    row_queries = query.transpose(1, 2)[flex_call.row_samples[:, None], flex_call.row_index].transpose(1, 2)
-    row_keys, row_values = key[flex_call.row_samples], value[flex_call.row_samples]
-    allowed = _allowed_keys_of_rows(flex_call, attention_mask, q_length, kv_length, query.device)
+    batch, heads, q_length, head_dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    # A decode step's rows are its queries: compute them here alone, unless something needs the backbone's call.
+    rows_are_queries = flex_call.row_index is None and flex_call.alpha == 1.0
+    attn_output = attn_weights = None
+    if not rows_are_queries or kwargs.get("output_attentions"):
+        attn_output, attn_weights = base_attention(module, query, key, value, attention_mask, **kwargs)
 
-    if flex_call.makes_selection(layer_idx):
-        _select_for_next_layer(flex_call, layer_idx, row_queries, row_keys, allowed, scaling)
-    if not is_flex_layer:
-        return None
+    scaling = kwargs.get("scaling") or head_dim**-0.5
+    queries = _row_queries(flex_call, query, kv_heads) * scaling
+    mask = _row_mask(flex_call, attention_mask, q_length, kv_length, heads // kv_heads)
+    scores = _masked(queries @ key.transpose(-1, -2), mask)
+    plain = None
+    if selects:
+        plain = scores.softmax(dim=-1, dtype=torch.float32)
+        _select_for_next_layer(flex_call, layer_idx, plain)
 
-    result = _hierarchical_rows(
-        module, flex_call, flex_call.selections[layer_idx], row_queries, row_keys, row_values, allowed, scaling
-    )
-    if result is None:
-        return None
-    row_outputs, active = result
-    batch_index = flex_call.row_samples[:, None].expand_as(active)[active]
-    query_index = flex_call.row_index[active]
-    hierarchical = row_outputs[active].to(attn_output.dtype)
+    rows = _hierarchical_rows(module, flex_call, queries, scores, value) if flex_layer else None
+    if rows is None and attn_output is not None:
+        if flex_layer and torch.is_grad_enabled():
+            attn_output = _with_zero_high_res_gradient(module, attn_output)
+        return attn_output, attn_weights
+    if rows is None:  # the queries of a plain layer that selects (or of an empty union): plain attention
+        plain = scores.softmax(dim=-1, dtype=torch.float32) if plain is None else plain
+        rows = (plain if plain.dtype == value.dtype else plain.to(value.dtype)) @ value
+    if flex_call.row_index is None:  # one row per sequence: (batch, kv_heads, groups, d) is (batch, 1, heads, d)
+        rows = rows.view(batch, 1, heads, head_dim)
+    else:
+        rows = rows.view(batch, heads, -1, head_dim).transpose(1, 2)  # batch, rows, heads, head_dim
+    if attn_output is None:
+        if flex_layer and torch.is_grad_enabled():
+            rows = _with_zero_high_res_gradient(module, rows)
+        return rows, None
+
+    rows = rows.to(attn_output.dtype)
+    if flex_call.row_index is None:
+        base = attn_output
+    else:
+        batch_index = torch.arange(batch, device=query.device)[:, None]
+        base = attn_output[batch_index, flex_call.row_index]
     if flex_call.alpha != 1.0:
-        plain = attn_output[batch_index, query_index]
-        hierarchical = plain + flex_call.alpha * (hierarchical - plain)
-    return attn_output.index_put((batch_index, query_index), hierarchical)
+        rows = base + flex_call.alpha * (rows - base)
+    if flex_call.row_valid is not None:
+        rows = torch.where(flex_call.row_valid[..., None, None], rows, base)
+    if flex_call.row_index is None:
+        return rows, attn_weights
+    return attn_output.index_put((batch_index, flex_call.row_index), rows), attn_weights
 
 
 def _flex_sdpa(module, query, key, value, attention_mask, **kwargs):

@@ -9,6 +9,8 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
+from .selection import budget_cells
+
 
 SELECTION_MODES = ("threshold", "topk", "random")
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
@@ -72,8 +74,10 @@ def validate_flex_settings(
                 f"`selection_grid={selection_grid}` must lie in [1, {low_res_grid}] (the low-res token grid side); "
                 f"leave it None for the released ratio ({default_selection_grid(low_res_grid)} here)."
             )
-    if not 0.0 < topk_ratio <= 1.0:
-        raise ValueError(f"`topk_ratio={topk_ratio}` must lie in (0, 1] (fraction of low-res cells kept).")
+    if selection == "topk":
+        budget_cells(topk_ratio, selection_grid or default_selection_grid(low_res_grid))  # raises if it keeps no cell
+    elif isinstance(topk_ratio, bool) or not isinstance(topk_ratio, (int, float)) or not 0.0 < topk_ratio <= 1.0:
+        raise ValueError(f"`topk_ratio={topk_ratio!r}` must lie in (0, 1] (fraction of high-res tokens kept).")
     if not 0.0 <= random_p <= 1.0:
         raise ValueError(f"`random_p={random_p}` must lie in [0, 1] (probability that a cell is selected).")
     if warmup < 0:
@@ -94,11 +98,12 @@ class FlexLlavaConfig(LlavaConfig):
         flex_zoom (`int`, *optional*, defaults to 3):
             High-res image side over the vision tower's input side (1008 / 336).
         flex_selection (`str`, *optional*, defaults to `"threshold"`):
-            `"threshold"` (the paper), `"topk"` (a fixed fraction of cells) or `"random"` (the paper's ablation).
+            `"threshold"` (the paper), `"topk"` (a fixed budget of cells) or `"random"` (the paper's ablation).
         flex_selection_grid (`int`, *optional*):
             Side of the grid the selection is max-pooled to. Defaults to 3/8 of the low-res grid (9 for 24).
         flex_topk_ratio (`float`, *optional*, defaults to 0.1):
-            Fraction of low-res cells kept by `"topk"`.
+            Fraction of the high-res tokens `"topk"` keeps per row, in whole cells of the selection grid:
+            `round(flex_topk_ratio * s**2)` cells (8 of 81, 9.9% of the tokens, for LLaVA-1.5 at 0.1).
         flex_random_p (`float`, *optional*, defaults to 0.1):
             Probability that a selection cell is kept by `"random"`.
         flex_random_seed (`int`, *optional*, defaults to 0):
@@ -152,6 +157,11 @@ class FlexLlavaConfig(LlavaConfig):
         if self.flex_selection_grid is not None:
             return self.flex_selection_grid
         return default_selection_grid(self.low_res_grid)
+
+    @property
+    def topk_cells(self) -> int:
+        """Cells of the selection grid the `"topk"` budget keeps per row (`selection.budget_cells`)."""
+        return budget_cells(self.flex_topk_ratio, self.resolved_selection_grid)
 
     @property
     def first_flex_layer(self) -> int:

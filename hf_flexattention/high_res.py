@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
 
 
 def split_into_tiles(images: torch.Tensor, tile_size: int) -> torch.Tensor:
@@ -53,6 +52,19 @@ def interpolate_rotary(table: torch.Tensor, high_res_grid: int) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1).reshape(n, high_res_grid * high_res_grid, dim)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (`(..., d)`) by the given `cos`/`sin` (broadcastable to `x`)."""
-    return x * cos + rotate_half(x) * sin
+def rotary_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Stack `(..., d)` cos and sin into the `(..., 2, d)` table `apply_rotary` takes.
+
+    `rotate_half(x) = roll(x, d/2) * sign` with `sign = (-1, ..., -1, +1, ..., +1)`, so the table keeps `sin * sign`:
+    rotating then costs one roll and one multiply-add.
+    """
+    half = sin.shape[-1] // 2
+    sign = torch.ones(sin.shape[-1], dtype=sin.dtype, device=sin.device)
+    sign[:half] = -1
+    return torch.stack([cos, sin * sign], dim=-2)
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `(..., d)` by a `rotary_table` `(..., 2, d)` (broadcastable): `x * cos + rotate_half(x) * sin`."""
+    cos, signed_sin = table.unbind(-2)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -133,7 +133,8 @@ def _settings_table(config) -> str:
     selection = {
         "threshold": f"`threshold`: cells above {config.flex_threshold:.4g} "
         f"({config.flex_threshold * 255:.4g}/255) of the min-max normalised map, pooled to {grid}x{grid}",
-        "topk": f"`topk`: the top {config.flex_topk_ratio:g} of cells, pooled to {grid}x{grid}",
+        "topk": f"`topk`: a budget of the {config.topk_cells} strongest of {grid}x{grid} cells per row "
+        f"(`flex_topk_ratio={config.flex_topk_ratio:g}`)",
         "random": f"`random`: each of {grid}x{grid} cells with p={config.flex_random_p:g} "
         f"(seed {config.flex_random_seed})",
     }[config.flex_selection]

@@ -22,8 +22,9 @@ from .attention import (
     register_flex_attention,
 )
 from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION, FlexLlavaConfig
-from .high_res import encode_high_res_features, interpolate_rotary
-from .state import CACHE_ATTRIBUTE, FlexCall, FlexState, pack_true_indices
+from .high_res import encode_high_res_features, interpolate_rotary, rotary_table
+from .selection import inside_image, pool_cells, pooling_windows, token_cells
+from .state import CACHE_ATTRIBUTE, FlexCall, FlexState, attach_state, pack_true_indices
 
 
 logger = logging.get_logger(__name__)
@@ -249,15 +250,18 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vision_feature_layer,
         vision_feature_select_strategy,
     ) -> FlexState | None:
+        """Encode the high-res images and lay out everything the decode steps need (prefill; host syncs allowed)."""
         sample_image = self._validate_high_res_inputs(input_ids, high_res_pixel_values, original_image_sizes)
         if high_res_pixel_values.shape[0] == 0:
             return None
+        config = self.config
+        batch, device = input_ids.shape[0], input_ids.device
         image_rows = (sample_image >= 0).nonzero().squeeze(1)
-        is_image_token = input_ids[image_rows] == self.config.image_token_id
+        is_image_token = input_ids[image_rows] == config.image_token_id
         image_positions = is_image_token.nonzero()[:, 1].view(len(image_rows), -1)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        rotary_positions = position_ids.expand(input_ids.shape[0], -1)[image_rows].gather(1, image_positions)
+            position_ids = torch.arange(input_ids.shape[1], device=device)[None]
+        rotary_positions = position_ids.expand(batch, -1)[image_rows].gather(1, image_positions)
 
         # generate repeats each sample for every beam / returned sequence: keep one copy of each (image, position).
         same_as_previous = (
@@ -275,44 +279,68 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             high_res_pixel_values[distinct], vision_feature_layer, vision_feature_select_strategy
         )
         cos, sin = self.model.language_model.rotary_emb(features[:1].float(), position_ids=rotary_positions[distinct])
+        high_res_grid = config.high_res_grid
+        rotary = rotary_table(interpolate_rotary(cos, high_res_grid), interpolate_rotary(sin, high_res_grid))
+
+        # Per sequence: where its image tokens are, and which cells lie inside its image (none for text-only rows).
+        grid, selection_grid = config.low_res_grid, config.resolved_selection_grid
+        positions = torch.zeros(batch, grid * grid, dtype=torch.long, device=device)
+        positions[image_rows] = image_positions
+        inside = torch.zeros(batch, grid * grid, device=device)
+        if original_image_sizes is None:
+            inside[image_rows] = 1.0
+        else:
+            inside[image_rows] = inside_image(original_image_sizes.to(device), grid).float()
+        windows = pooling_windows(grid, selection_grid, device)
+        cell_inside = (pool_cells(inside, windows) > 0)[:, None, None]
         generator = None
-        if self.config.flex_selection == "random":
-            generator = torch.Generator().manual_seed(self.config.flex_random_seed)
+        if config.flex_selection == "random":
+            generator = torch.Generator().manual_seed(config.flex_random_seed)
         return FlexState(
             features=features,
-            rope_cos=interpolate_rotary(cos, self.config.high_res_grid),
-            rope_sin=interpolate_rotary(sin, self.config.high_res_grid),
-            image_positions=image_positions[distinct],
-            original_sizes=original_image_sizes[distinct] if original_image_sizes is not None else None,
-            sample_image=sample_image,
+            rotary=rotary.to(features.dtype),
+            row_image=sample_image.clamp(min=0),
+            image_positions=positions[:, None, None],
+            inside=inside[:, None, None],
+            cell_inside=cell_inside,
+            empty_cells=torch.zeros_like(cell_inside),
+            rows_are_images=bool((sample_image == torch.arange(batch, device=device)).all()),
+            pooling_windows=windows,
+            token_cell=token_cells(selection_grid, config.high_res_grid, device),
             generator=generator,
         )
 
     def _high_res_rows(
         self,
-        state: FlexState,
         q_length: int,
-        past_length: int,
+        past_length: int | torch.Tensor,
         labels: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         flex_answer_start: int | None,
-    ) -> torch.Tensor:
-        """`(batch, q)` bool: the rows of this call that predict answer tokens (DESIGN.md section 2.4)."""
-        device = state.sample_image.device
-        batch = state.sample_image.shape[0]
-        query_positions = torch.arange(q_length, device=device) + past_length
-        real = torch.ones(batch, q_length, dtype=torch.bool, device=device)
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """`(batch, q)` bool: the rows of this call that predict answer tokens (DESIGN.md section 2.4).
+
+        None means "the last row of every sequence" and is only returned for one-token calls, whose single row
+        is then used without building a mask. Text-only sequences select nothing, so they need no special case.
+        """
+        real = None
         if attention_mask is not None and attention_mask.ndim == 2:
             real = attention_mask[:, -q_length:].to(device=device, dtype=torch.bool)
         if labels is not None:
-            rows = torch.zeros(batch, q_length, dtype=torch.bool, device=device)
+            rows = torch.zeros(labels.shape[0], q_length, dtype=torch.bool, device=device)
             rows[:, :-1] = labels[:, 1:].to(device) != IGNORE_INDEX
+        elif q_length == 1 and (
+            flex_answer_start is None or (isinstance(past_length, int) and past_length + 1 >= flex_answer_start)
+        ):
+            return real  # a decode step: its row predicts the next answer token
         elif flex_answer_start is not None:
-            rows = (query_positions + 1 >= flex_answer_start)[None].expand(batch, -1)
+            query_positions = torch.arange(q_length, device=device) + past_length
+            rows = (query_positions + 1 >= flex_answer_start)[None]
         else:
-            last_real = q_length - 1 - real.flip(1).int().argmax(dim=1)
-            rows = torch.arange(q_length, device=device)[None] == last_real[:, None]
-        return rows & real & (state.sample_image >= 0)[:, None]
+            last_real = q_length - 1 if real is None else q_length - 1 - real.flip(1).int().argmax(dim=1, keepdim=True)
+            rows = torch.arange(q_length, device=device)[None] == last_real
+        return rows if real is None else rows & real
 
     def _sliding_window(self) -> int | None:
         """The language model's sliding attention window, if any layer uses one."""
@@ -321,6 +349,19 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if layer_types is not None and "sliding_attention" not in layer_types:
             return None
         return getattr(text_config, "sliding_window", None)
+
+    def _check_sliding_window(self, cache: Cache | None, past_length, q_length: int) -> None:
+        window = self._sliding_window()
+        if window is None:
+            return
+        # A static cache reports its length as a tensor: check what it can hold once, at prefill, instead.
+        length = past_length + q_length if isinstance(past_length, int) else cache.get_max_length()
+        if length > window:
+            raise ValueError(
+                f"The sequence (up to {length} tokens) is longer than the language model's sliding window ({window}): "
+                "FlexAttention needs every low-res image key in the cache. Shorten the prompt (or the cache), or load "
+                "the model with `text_config.sliding_window=None` if it was trained with full attention."
+            )
 
     def _flex_alpha(self) -> float:
         """Warm-up blend weight of the hierarchical output: `min(1, progress * warmup)` in training, else 1."""
@@ -343,12 +384,17 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vision_feature_select_strategy,
         use_cache,
     ) -> tuple[FlexCall | None, Cache | None]:
-        """Build this call's FlexAttention view (None when no row can attend to high-res tokens)."""
+        """Build this call's FlexAttention view (None when no row can attend to high-res tokens).
+
+        A one-token call (a decode step) reads its state from the cache and sets up its rows without reading any
+        tensor on the host; a prefill encodes the high-res images and may.
+        """
         if self.config.flex_n_fa == 0:
             return None, cache
         past_length = cache.get_seq_length() if cache is not None else 0
+        q_length = (input_ids if input_ids is not None else attention_mask).shape[1]
         if high_res_pixel_values is not None:
-            if past_length > 0:
+            if bool(past_length > 0):
                 raise ValueError(
                     "`high_res_pixel_values` must come with the whole prompt (prefill), not with a cache that already "
                     "holds tokens: start generation from an empty cache."
@@ -364,45 +410,38 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if cache is None and use_cache and not (self.is_activation_checkpointing and self.training):
                 cache = DynamicCache(config=self.config.text_config)
             if cache is not None:
-                setattr(cache, CACHE_ATTRIBUTE, state)  # None for a batch without images
-        elif cache is not None and past_length > 0:
-            state = getattr(cache, CACHE_ATTRIBUTE, None)
+                attach_state(cache, state)  # None for a batch without images
         else:
-            if cache is not None and getattr(cache, CACHE_ATTRIBUTE, None) is not None:
-                setattr(cache, CACHE_ATTRIBUTE, None)  # a fresh prompt never sees an earlier image
-            state = None
+            state = getattr(cache, CACHE_ATTRIBUTE, None) if cache is not None else None
+            if state is not None and isinstance(past_length, int) and past_length == 0:
+                attach_state(cache, None)  # a fresh prompt never sees an earlier image
+                state = None
         if state is None:
             return None, cache
+        if isinstance(past_length, int) or high_res_pixel_values is not None:
+            self._check_sliding_window(cache, past_length, q_length)
 
-        q_length = (input_ids if input_ids is not None else attention_mask).shape[1]
-        window = self._sliding_window()
-        if window is not None and past_length + q_length > window:
-            raise ValueError(
-                f"The sequence ({past_length + q_length} tokens) is longer than the language model's sliding window "
-                f"({window}): FlexAttention needs every low-res image key in the cache. Shorten the prompt, or load "
-                "the model with `text_config.sliding_window=None` if it was trained with full attention."
-            )
-        rows = self._high_res_rows(state, q_length, past_length, labels, attention_mask, flex_answer_start)
-        row_samples = rows.any(dim=1).nonzero().squeeze(1)
-        if row_samples.numel() == 0:
-            return None, cache
-        order, valid = pack_true_indices(rows[row_samples])
+        device = state.row_image.device
+        rows = self._high_res_rows(q_length, past_length, labels, attention_mask, flex_answer_start, device)
+        if q_length == 1:
+            row_index, row_valid = None, rows
+        else:
+            row_index, row_valid = pack_true_indices(rows.expand(state.row_image.shape[0], -1))
+            if row_index.shape[1] == 0:
+                return None, cache
+        config = self.config
         call = FlexCall(
             state=state,
-            row_samples=row_samples,
-            row_index=order,
-            row_valid=valid,
+            row_index=row_index,
+            row_valid=row_valid,
             alpha=self._flex_alpha(),
-            first_flex_layer=self.config.first_flex_layer,
-            num_layers=self.config.text_config.num_hidden_layers,
-            selection_kwargs={
-                "high_res_grid": self.config.high_res_grid,
-                "selection_grid": self.config.resolved_selection_grid,
-                "mode": self.config.flex_selection,
-                "threshold": self.config.flex_threshold,
-                "topk_ratio": self.config.flex_topk_ratio,
-                "random_p": self.config.flex_random_p,
-            },
+            first_flex_layer=config.first_flex_layer,
+            num_layers=config.text_config.num_hidden_layers,
+            mode=config.flex_selection,
+            threshold=config.flex_threshold,
+            budget=config.topk_cells if config.flex_selection == "topk" else 0,
+            random_p=config.flex_random_p,
+            selection_grid=config.resolved_selection_grid,
         )
         return call, cache
 

@@ -86,14 +86,28 @@ def patch_model(
             the released LLaVA-1.5-7B model uses 23 of 32).
         threshold: normalised-attention threshold in [0, 1) (the official `48` means `48 / 255`).
         zoom: high-res side over the vision tower's input side (3: 1008 px for a 336 px tower).
-        selection: `"threshold"` (paper), `"topk"` (fixed fraction `topk_ratio` of cells) or `"random"`
+        selection: `"threshold"` (paper), `"topk"` (a budget: `topk_ratio` of the high-res tokens, in whole cells
+            of the selection grid, the same number for every row) or `"random"`
             (ablation: each cell with probability `random_p`, seeded by `random_seed`).
         selection_grid: side of the grid the selection is max-pooled to; None = the release's 3/8 of the
             low-res grid (9 for 24).
+        topk_ratio: `"topk"`'s budget, a fraction of the high-res tokens: `round(topk_ratio * s**2)` cells of the
+            `s x s` selection grid (0.1 keeps 8 of 81 cells, 512 of 5184 tokens, on LLaVA-1.5).
+        random_p, random_seed: `"random"`'s probability per cell and seed.
         warmup: training warm-up rate, `alpha = min(1, epoch * warmup)`.
 
     Patching an already patched model with the same settings does nothing; with other settings it
     re-configures it (layers that stop being FlexAttention layers lose their hr projections).
+
+    Cost: each FlexAttention layer gains two `hidden x kv_dim` projections (772M parameters, 1.44 GiB in fp16, for
+    LLaVA-1.5-7B with `n_fa=23`), and generation keeps every image's high-res keys of each FlexAttention layer
+    (`n_fa * M * kv_dim` values: 0.91 GiB per image in fp16 for LLaVA-1.5-7B). `hf_flexattention.cost` models
+    the FLOPs and memory of both.
+
+    Raises:
+        TypeError: for a model that is not a `LlavaForConditionalGeneration`, or a setting of the wrong type.
+        ValueError: for a setting out of range (each message names the valid range), an attention
+            implementation other than `sdpa`/`eager`, or a model that already carries PEFT adapters.
 
     Example:
 

@@ -1,104 +1,79 @@
-"""Projecting selected high-res tokens into one layer's keys and values, once per token per sequence.
+"""Keys and values of high-res tokens in one FlexAttention layer (`hr_k_proj` / `hr_v_proj`, paper Sec. 3.3).
 
-During decoding every step re-selects high-res tokens, mostly the same ones as the step before. Projecting a
-token costs two `hidden x kv_dim` matmuls per FlexAttention layer, far more than the rest of a decode step, so at
-inference the rotated keys and values of every token already projected are kept (per image, per layer, compactly:
-only tokens that were ever selected) and only new tokens are projected. With gradients enabled (training) tokens
-are projected directly, so that autograd sees every use.
+Keys. A high-res key is `RoPE(hr_k_proj(f))`, with the token's interpolated rotary phase. Two ways to have them:
+
+* dense (inference with the paper's threshold or the random selection, whose selected count is data-dependent):
+  every high-res token is projected once per layer at prefill and kept on the state; each decode step masks the
+  unselected ones. Static shapes, no gather, no re-projection; costs `n_fa * M * kv_dim` values per image
+  (0.91 GiB for LLaVA-1.5-7B in fp16).
+* gathered (the `"topk"` budget, whose count is static, and training): only the candidate tokens are gathered
+  and projected, every call. At inference a budget row projects a fixed number of tokens per step (512 of 5184
+  at `topk_ratio=0.1` on LLaVA-1.5), so nothing is kept.
+
+Values are never projected token by token when it is cheaper not to. `hr_v_proj` is affine, so a row's attention
+output over high-res tokens, `sum_t p_t hr_v_proj(f_t)`, equals `hr_v_proj(sum_t p_t f_t) + (sum_t p_t - 1) b`:
+one projection of the attention-weighted feature per (head, row) instead of one per token. For one decode row
+that is 32 projections instead of 5184 (dense) or 512 (budget) on LLaVA-1.5-7B, and nothing to keep.
 
 Shipped as remote code with saved checkpoints: torch and relative imports only.
 """
 
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
 from .high_res import apply_rotary
-from .state import FlexState, pack_true_indices
+from .state import FlexState
 
 
-def project_tokens(
-    module: torch.nn.Module, state: FlexState, images: torch.Tensor, tokens: torch.Tensor, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated keys and values of high-res `tokens` `(b, u)` of `images` `(b,)`, each `(b, u, kv_heads, head_dim)`."""
-    index = images[:, None]
-    features = state.features[index, tokens].to(module.hr_k_proj.weight.dtype)
-    batch, width = tokens.shape
-    keys = module.hr_k_proj(features).view(batch, width, -1, head_dim)
-    values = module.hr_v_proj(features).view(batch, width, -1, head_dim)
-    cos = state.rope_cos[index, tokens][:, :, None].to(keys.dtype)
-    sin = state.rope_sin[index, tokens][:, :, None].to(keys.dtype)
-    return apply_rotary(keys, cos, sin), values
+def project_keys(module: nn.Module, features: torch.Tensor, rotary: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotated high-res keys `(b, kv_heads, u, head_dim)` of `features` `(b, u, D)` with `rotary` `(b, u, 2, d)`."""
+    batch, tokens = features.shape[:2]
+    keys = module.hr_k_proj(features).view(batch, tokens, -1, head_dim)
+    return apply_rotary(keys, rotary[:, :, None]).transpose(1, 2)
 
 
-@dataclass
-class ProjectionMemo:
-    """Projected high-res keys/values of one layer: `slot[image, token]` indexes `keys[image]` (-1: not yet)."""
+def dense_keys(module: nn.Module, state: FlexState, head_dim: int) -> torch.Tensor:
+    """Every image's rotated high-res keys in this layer, `(n_images, kv_heads, head_dim, M)`, projected once.
 
-    slot: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    count: torch.Tensor
-
-    @classmethod
-    def empty(cls, state: FlexState, like: torch.Tensor) -> "ProjectionMemo":
-        n_images, n_tokens = state.features.shape[:2]
-        device = state.features.device
-        store = like.new_empty(n_images, 0, *like.shape[2:])
-        return cls(
-            slot=torch.full((n_images, n_tokens), -1, dtype=torch.long, device=device),
-            keys=store,
-            values=store.clone(),
-            count=torch.zeros(n_images, dtype=torch.long, device=device),
-        )
-
-    def _grow(self, capacity: int) -> None:
-        if capacity <= self.keys.shape[1]:
-            return
-        # Amortised doubling, but never more slots than the image has high-res tokens.
-        capacity = min(max(capacity, 2 * self.keys.shape[1]), self.slot.shape[1])
-        grown = self.keys.new_empty(self.keys.shape[0], capacity, *self.keys.shape[2:])
-        grown_values = self.values.new_empty(grown.shape)
-        grown[:, : self.keys.shape[1]] = self.keys
-        grown_values[:, : self.values.shape[1]] = self.values
-        self.keys, self.values = grown, grown_values
-
-    def add(
-        self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
-    ) -> None:
-        """Store projections of `tokens` `(b, w)` of `images` `(b,)` where `valid`."""
-        per_image = valid.sum(dim=1)
-        slots = self.count[images][:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        self._grow(int((self.count[images] + per_image).max()))
-        image_index = images[:, None].expand_as(tokens)[valid]
-        self.keys[image_index, slots[valid]] = keys[valid].to(self.keys.dtype)
-        self.values[image_index, slots[valid]] = values[valid].to(self.values.dtype)
-        self.slot[image_index, tokens[valid]] = slots[valid]
-        self.count[images] += per_image
+    Stored transposed, ready for `query @ keys`. Only called without gradients (the stored keys carry none).
+    """
+    keys = state.high_res_keys.get(module.layer_idx)
+    if keys is None:
+        features = state.features.to(module.hr_k_proj.weight.dtype)
+        keys = project_keys(module, features, state.rotary, head_dim).transpose(-1, -2).contiguous()
+        state.high_res_keys[module.layer_idx] = keys
+    return keys
 
 
-def memoised_projections(
-    memos: dict[int, ProjectionMemo],
-    layer_idx: int,
-    module: torch.nn.Module,
-    state: FlexState,
-    images: torch.Tensor,
-    tokens: torch.Tensor,
-    valid: torch.Tensor,
-    head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `project_tokens`, but projecting only tokens that this layer has not projected for the image before."""
-    n_images, n_tokens = state.features.shape[:2]
-    needed = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=tokens.device)
-    needed[images[:, None].expand_as(tokens)[valid], tokens[valid]] = True
-    memo = memos.get(layer_idx)
-    new = needed if memo is None else needed & (memo.slot < 0)
-    new_images = new.any(dim=1).nonzero().squeeze(1)
-    if new_images.numel() > 0:
-        new_tokens, new_valid = pack_true_indices(new[new_images])
-        keys, values = project_tokens(module, state, new_images, new_tokens, head_dim)
-        if memo is None:
-            memo = memos[layer_idx] = ProjectionMemo.empty(state, keys)
-        memo.add(new_images, new_tokens, keys, values, new_valid)
-    slots = memo.slot[images[:, None], tokens].clamp(min=0)  # padding slots point anywhere; they are masked
-    return memo.keys[images[:, None], slots], memo.values[images[:, None], slots]
+def _bias_of(projection: nn.Module) -> bool:
+    """Whether an affine projection (an `nn.Linear`, possibly inside a PEFT wrapper) adds a bias."""
+    return any(isinstance(layer, nn.Linear) and layer.bias is not None for layer in projection.modules())
+
+
+def high_res_values(module: nn.Module, probabilities: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The high-res part of the attention output: `probabilities @ hr_v_proj(features)`, per kv-head group.
+
+    Args:
+        module: the attention module (holds `hr_v_proj`).
+        probabilities: `(b, kv_heads, rows, U)` attention of each (query head, row) on the candidates, in the
+            value dtype; `rows` runs over the query heads of each kv head, then the high-res rows.
+        features: `(b, U, D)` high-res features of the candidates.
+
+    Returns:
+        `(b, kv_heads, rows, head_dim)`.
+
+    With fewer (head, row) pairs than candidates (always when decoding) the weighted features are projected;
+    otherwise the candidates' values are (long teacher-forced answers), whichever takes fewer projections.
+    """
+    batch, kv_heads, rows, tokens = probabilities.shape
+    if kv_heads * rows >= tokens:
+        values = module.hr_v_proj(features).view(batch, tokens, kv_heads, -1).transpose(1, 2)
+        return probabilities @ values
+    mixed = probabilities.reshape(batch, kv_heads * rows, tokens) @ features
+    # Each (head, row) needs only its own kv head's slice of the projection: the diagonal of (kv head, kv head).
+    projected = module.hr_v_proj(mixed).view(batch, kv_heads, rows, kv_heads, -1)
+    output = projected.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    if _bias_of(module.hr_v_proj):  # hr_v_proj(sum p f) adds b once; the tokens' values add it sum(p) times
+        bias = module.hr_v_proj(features.new_zeros(features.shape[-1])).view(kv_heads, 1, -1)
+        output = output + (probabilities.sum(dim=-1, keepdim=True) - 1) * bias
+    return output

@@ -1,8 +1,10 @@
 """Per-sequence and per-call FlexAttention state.
 
-`FlexState` holds what belongs to the sequences of one `generate()` (or one forward): the high-res features, their
-rotary tables and where the low-res image tokens sit. It rides on the KV cache (`cache.flex_state`) so it
-follows the cache through decode steps and beam reordering and dies with it.
+`FlexState` holds what belongs to the sequences of one `generate()` (or one forward): the high-res features and
+their rotary table (once per distinct image), the rotated high-res keys of each FlexAttention layer once they are
+projected, and, per sequence, where its low-res image tokens sit and which cells lie inside its image. It rides on
+the KV cache (`cache.flex_state`), so it follows the cache through decode steps and beam reordering and dies with
+it. Everything a decode step needs is prepared at prefill, so the step itself runs on static shapes.
 
 `FlexCall` holds what belongs to one forward call: which query rows attend to high-res tokens, the warm-up alpha,
 and the selections each layer hands to the next (keyed by layer index, so gradient checkpointing can re-run a
@@ -11,6 +13,7 @@ layer).
 Shipped as remote code with saved checkpoints: torch and relative imports only.
 """
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +25,10 @@ CACHE_ATTRIBUTE = "flex_state"
 def pack_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a `(b, n)` bool mask, the ascending indices of its True entries, padded to the fullest row.
 
-    Returns `(indices (b, w), valid (b, w))`; `w` is 0 when no entry is True.
+    Reads the fullest row's count on the host (one sync): used at prefill and in training, never when decoding.
+
+    Returns `(indices (b, w), valid (b, w))`; `w` is 0 when no entry is True. Padding entries are distinct
+    indices of False entries.
     """
     counts = mask.sum(dim=1)
     width = int(counts.max()) if mask.shape[0] else 0
@@ -30,62 +36,108 @@ def pack_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return indices, torch.arange(width, device=mask.device) < counts[:, None]
 
 
+def _reset_dropping_flex_state(cache, *args, **kwargs):
+    setattr(cache, CACHE_ATTRIBUTE, None)
+    return type(cache).reset(cache, *args, **kwargs)
+
+
+def attach_state(cache, state: "FlexState | None") -> None:
+    """Put `state` on `cache`, and make `cache.reset()` drop it.
+
+    `generate` resets and reuses a static cache across calls; a later prompt must never see an earlier image, and
+    telling a reset cache from a decoding one by its length would read a tensor on the host at every step.
+    """
+    setattr(cache, CACHE_ATTRIBUTE, state)
+    if "reset" not in vars(cache):  # bound to this object, so a deep copy of the cache binds to the copy
+        cache.reset = types.MethodType(_reset_dropping_flex_state, cache)
+
+
 @dataclass
 class FlexState:
     """High-res data of the sequences in a batch.
 
     Images are stored once per distinct (image, prompt position): the copies that generate makes for beams or
-    returned sequences share one encoding and one projection memo.
+    returned sequences share one encoding and one set of projected keys.
 
     Attributes:
         features: `(n_images, M, D)` projected high-res features, row-major over the `G x G` grid.
-        rope_cos: `(n_images, M, head_dim)` float32 rotary cos of each high-res key.
-        rope_sin: `(n_images, M, head_dim)` float32 rotary sin of each high-res key.
-        image_positions: `(n_images, N)` sequence (KV) indices of the low-res image tokens.
-        original_sizes: `(n_images, 2)` (height, width) before square padding, or None when unknown.
-        sample_image: `(batch,)` image index of each sequence, -1 for text-only sequences.
+        rotary: `(n_images, M, 2, head_dim)` RoPE table of each high-res key (`high_res.rotary_table`).
+        row_image: `(batch,)` image index of each sequence (text-only sequences point at image 0: their `inside`
+            is all zero, so they select nothing).
+        image_positions: `(batch, 1, 1, N)` sequence (KV) indices of each sequence's low-res image tokens.
+        inside: `(batch, 1, 1, N)` 1.0 where a low-res cell lies inside the sequence's image, 0.0 in the padding
+            margin and for text-only sequences (whose selections are therefore empty).
+        cell_inside: `(batch, 1, 1, s * s)` bool: coarse cells that overlap the sequence's image.
+        empty_cells: `(batch, 1, 1, s * s)` all False, for the budget selection to scatter into.
+        rows_are_images: whether sequence `i` holds image `i` for every `i`, so that per-image tensors serve the
+            batch as they are (no gather per layer).
+        pooling_windows: `(s * s, w)` low-res cells of each coarse cell's pooling window (`selection.pooling_windows`).
+        token_cell: `(M,)` coarse cell of each high-res token (`selection.token_cells`).
         generator: random generator of the `"random"` selection mode.
-        projections: per-layer memo of the high-res keys/values projected so far (inference only).
+        high_res_keys: per FlexAttention layer, the rotated high-res keys of every token, `(n_images, kv_heads,
+            head_dim, M)` (inference with a dense selection; filled at prefill).
     """
 
     features: torch.Tensor
-    rope_cos: torch.Tensor
-    rope_sin: torch.Tensor
+    rotary: torch.Tensor
+    row_image: torch.Tensor
     image_positions: torch.Tensor
-    original_sizes: torch.Tensor | None
-    sample_image: torch.Tensor
+    inside: torch.Tensor
+    cell_inside: torch.Tensor
+    empty_cells: torch.Tensor
+    rows_are_images: bool
+    pooling_windows: torch.Tensor
+    token_cell: torch.Tensor
     generator: torch.Generator | None = None
-    projections: dict = field(default_factory=dict)
+    high_res_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def per_sequence(self, per_image: torch.Tensor) -> torch.Tensor:
+        """`(n_images, ...)` -> `(batch, ...)`: as it is when `rows_are_images`, else one gather."""
+        return per_image if self.rows_are_images else per_image[self.row_image]
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow the cache when beam search reorders (or expands) the batch."""
-        self.sample_image = self.sample_image[beam_idx.to(self.sample_image.device)]
+        beam_idx = beam_idx.to(self.row_image.device)
+        for name in ("row_image", "image_positions", "inside", "cell_inside"):
+            setattr(self, name, getattr(self, name)[beam_idx])
+        # Whether the new order is still the identity cannot be known without reading `beam_idx` on the host;
+        # gathering per layer is always right.
+        self.rows_are_images = False
 
 
 @dataclass
 class FlexCall:
     """One forward call's view of the high-res rows.
 
-    The high-res rows are stored padded per sequence: `row_samples[i]` is a batch index and `row_index[i, j]` a
-    query index (within this call) of one of its high-res rows when `row_valid[i, j]`.
+    The high-res rows are stored padded per sequence: `row_index[b, r]` is a query index (within this call) of
+    sequence `b` when `row_valid[b, r]`. `row_index` is None when the rows are the call's queries themselves (a
+    one-token decode step): then no row is gathered or scattered, and shapes do not depend on the data;
+    `row_valid` is then None when every query is a high-res row.
     """
 
     state: FlexState
-    row_samples: torch.Tensor
-    row_index: torch.Tensor
-    row_valid: torch.Tensor
+    row_index: torch.Tensor | None
+    row_valid: torch.Tensor | None
     alpha: float
     first_flex_layer: int
     num_layers: int
-    selection_kwargs: dict
+    mode: str
+    threshold: float
+    budget: int
+    random_p: float
+    selection_grid: int
     selections: dict[int, torch.Tensor] = field(default_factory=dict)
     trace: list | None = None
 
     @property
-    def row_images(self) -> torch.Tensor:
-        """Image index of each sequence that has high-res rows."""
-        return self.state.sample_image[self.row_samples]
+    def rows(self) -> int:
+        """High-res rows per sequence (padded)."""
+        return 1 if self.row_index is None else self.row_index.shape[1]
 
     def makes_selection(self, layer_idx: int) -> bool:
         """Whether `layer_idx` computes the selection the layer above it uses."""
         return self.first_flex_layer - 1 <= layer_idx < self.num_layers - 1
+
+    def is_flex_layer(self, layer_idx: int) -> bool:
+        """Whether `layer_idx` is a FlexAttention (hierarchical) layer."""
+        return layer_idx >= self.first_flex_layer

@@ -230,13 +230,29 @@ def test_beams_encode_each_image_once(batch_inputs):
     assert encoded == [2]
 
 
-def test_the_projection_memo_never_outgrows_the_high_res_grid(single_inputs):
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_the_high_res_state_is_one_key_set_per_image_and_layer_and_never_grows(single_inputs, num_beams):
+    """What generation keeps beside the KV cache: features, rotary table and one rotated key per high-res token
+    per FlexAttention layer, shared by the beams; the same after 2 steps as after 12 (DESIGN.md 5)."""
     model = flex_model(selection="random", random_p=0.5)  # a fresh random selection every step
-    cache_holder = model.generate(
-        **single_inputs, max_new_tokens=12, do_sample=False, return_dict_in_generate=True
-    ).past_key_values
-    memos = cache_holder.flex_state.projections
-    assert memos
-    for memo in memos.values():
-        assert memo.keys.shape[1] <= 24 * 24
-        assert int(memo.count.max()) <= 24 * 24
+
+    def state_after(steps):
+        cache = model.generate(
+            **single_inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            num_beams=num_beams,
+            do_sample=False,
+            return_dict_in_generate=True,
+        ).past_key_values
+        return cache.flex_state
+
+    short, long = state_after(2), state_after(12)
+    config = model.config.text_config
+    kv_dim = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    assert sorted(long.high_res_keys) == [2, 3]
+    for keys in long.high_res_keys.values():
+        assert tuple(keys.shape) == (1, config.num_key_value_heads, kv_dim // config.num_key_value_heads, 24 * 24)
+    for name in ("features", "rotary"):
+        assert getattr(short, name).shape == getattr(long, name).shape
+    assert {k: v.shape for k, v in short.high_res_keys.items()} == {k: v.shape for k, v in long.high_res_keys.items()}

@@ -408,7 +408,8 @@ def test_save_pretrained_writes_weights_processor_and_card(tmp_path, processor):
     assert REMOTE_CODE_FILES <= files
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "hf_flexattention" and card.data.base_model is None
-    assert "(layer 3 of 4)" in card.text and "`topk`: the top 0.2 of cells" in card.text
+    # 0.2 of the 3x3 selection grid's 9 cells rounds to 2
+    assert "(layer 3 of 4)" in card.text and "a budget of the 2 strongest of 3x3 cells per row" in card.text
     loaded = FlexLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert_tensors_identical(loaded.state_dict(), model.state_dict())
 
