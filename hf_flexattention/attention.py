@@ -57,9 +57,7 @@ def _row_queries(call: FlexCall, query: torch.Tensor, kv_heads: int) -> torch.Te
     return query if heads == kv_heads else query.reshape(batch, kv_heads, -1, head_dim)
 
 
-def _row_mask(
-    call: FlexCall, attention_mask: torch.Tensor | None, q_length: int, kv_length: int, groups: int
-) -> torch.Tensor | None:
+def _row_mask(call: FlexCall, attention_mask: torch.Tensor | None, kv_length: int, groups: int) -> torch.Tensor | None:
     """The plain mask of the high-res rows, broadcastable to `(batch, kv_heads, groups * rows, kv)`.
 
     A decode step's rows are its queries: the backbone's mask serves as it is (None, bool or additive). Gathered
@@ -68,15 +66,16 @@ def _row_mask(
     if call.row_index is None:
         return attention_mask
     if attention_mask is None:
-        # sdpa drops the mask when it is purely causal; rebuild it lower-right aligned.
+        # sdpa drops the mask when it is purely causal: rebuild it from the query positions. (Aligning it to the last
+        # key instead would let a static cache's prefill attend to the cache's empty tail.)
         key_index = torch.arange(kv_length, device=call.row_index.device)
-        allowed = key_index <= (call.row_index + (kv_length - q_length))[..., None]
+        allowed = key_index <= (call.row_index + call.query_offset)[..., None]
     else:
         allowed = attention_mask
         if allowed.dtype != torch.bool:  # eager's additive mask: 0 where allowed, the dtype's minimum elsewhere
             allowed = allowed > torch.finfo(allowed.dtype).min / 2
         index = call.row_index[:, None, :, None].expand(-1, allowed.shape[1], -1, kv_length)
-        allowed = allowed.expand(call.row_index.shape[0], -1, q_length, -1).gather(2, index)[:, 0]
+        allowed = allowed.expand(call.row_index.shape[0], -1, -1, -1).gather(2, index)[:, 0]
     allowed = allowed | ~call.row_valid[..., None]
     return allowed[:, None].repeat(1, 1, groups, 1)
 
@@ -209,7 +208,7 @@ def flex_attention_forward(
             attn_output = _with_zero_high_res_gradient(module, attn_output)
         return attn_output, attn_weights
 
-    batch, heads, q_length, head_dim = query.shape
+    batch, heads, _, head_dim = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
     # A decode step's rows are its queries: compute them here alone, unless something needs the backbone's call.
     rows_are_queries = flex_call.row_index is None and flex_call.alpha == 1.0
@@ -219,7 +218,7 @@ def flex_attention_forward(
 
     scaling = kwargs.get("scaling") or head_dim**-0.5
     queries = _row_queries(flex_call, query, kv_heads) * scaling
-    mask = _row_mask(flex_call, attention_mask, q_length, kv_length, heads // kv_heads)
+    mask = _row_mask(flex_call, attention_mask, kv_length, heads // kv_heads)
     scores = _masked(queries @ key.transpose(-1, -2), mask)
     plain = None
     if selects:

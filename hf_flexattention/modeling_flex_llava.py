@@ -434,6 +434,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             state=state,
             row_index=row_index,
             row_valid=row_valid,
+            query_offset=past_length,
             alpha=self._flex_alpha(),
             first_flex_layer=config.first_flex_layer,
             num_layers=config.text_config.num_hidden_layers,

@@ -50,6 +50,12 @@ def _bias_of(projection: nn.Module) -> bool:
     return any(isinstance(layer, nn.Linear) and layer.bias is not None for layer in projection.modules())
 
 
+def folds_values(head_rows: int, tokens: int) -> bool:
+    """Whether projecting the attention-weighted features (one per (head, row) pair) takes fewer projections than
+    projecting every candidate token's value."""
+    return head_rows < tokens
+
+
 def high_res_values(module: nn.Module, probabilities: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """The high-res part of the attention output: `probabilities @ hr_v_proj(features)`, per kv-head group.
 
@@ -63,10 +69,10 @@ def high_res_values(module: nn.Module, probabilities: torch.Tensor, features: to
         `(b, kv_heads, rows, head_dim)`.
 
     With fewer (head, row) pairs than candidates (always when decoding) the weighted features are projected;
-    otherwise the candidates' values are (long teacher-forced answers), whichever takes fewer projections.
+    otherwise the candidates' values are (long teacher-forced answers): `folds_values` decides.
     """
     batch, kv_heads, rows, tokens = probabilities.shape
-    if kv_heads * rows >= tokens:
+    if not folds_values(kv_heads * rows, tokens):
         values = module.hr_v_proj(features).view(batch, tokens, kv_heads, -1).transpose(1, 2)
         return probabilities @ values
     mixed = probabilities.reshape(batch, kv_heads * rows, tokens) @ features

@@ -112,12 +112,14 @@ class FlexCall:
     The high-res rows are stored padded per sequence: `row_index[b, r]` is a query index (within this call) of
     sequence `b` when `row_valid[b, r]`. `row_index` is None when the rows are the call's queries themselves (a
     one-token decode step): then no row is gathered or scattered, and shapes do not depend on the data;
-    `row_valid` is then None when every query is a high-res row.
+    `row_valid` is then None when every query is a high-res row. `query_offset` is the number of tokens cached
+    before this call (a tensor for static caches): query `i` sits at position `query_offset + i`.
     """
 
     state: FlexState
     row_index: torch.Tensor | None
     row_valid: torch.Tensor | None
+    query_offset: int | torch.Tensor
     alpha: float
     first_flex_layer: int
     num_layers: int

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
-from hf_flexattention import patch_model
+from hf_flexattention import patch_model, projections
 from hf_flexattention.tiny import build_tiny_llava
 
 
@@ -133,13 +133,19 @@ class DenseReference:
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("with_labels", [False, True])
-def test_select_all_equals_dense_reference(backbone, with_labels, single_inputs):
+@pytest.mark.parametrize("values", ["folded", "per_token"])
+def test_select_all_equals_dense_reference(backbone, with_labels, values, single_inputs, monkeypatch):
+    """`values`: the high-res values enter as the projection of the attention-weighted features (as when decoding)
+    or token by token (as for long answers); both must be the reference (Qwen2's biased projections included)."""
+    monkeypatch.setattr(projections, "folds_values", lambda head_rows, tokens: values == "folded")
     stock, patched = stock_and_patched(backbone, n_fa=2, selection="topk", topk_ratio=1.0)
-    # Distinct hr projections, so a mix-up with k_proj/v_proj cannot pass.
+    # Distinct hr projections, so a mix-up with k_proj/v_proj cannot pass; Qwen2's biases are initialised to zero,
+    # so give them values too.
     with torch.no_grad():
         for layer in patched.model.language_model.layers[2:]:
-            layer.self_attn.hr_k_proj.weight.add_(0.05 * torch.randn_like(layer.self_attn.hr_k_proj.weight))
-            layer.self_attn.hr_v_proj.weight.add_(0.05 * torch.randn_like(layer.self_attn.hr_v_proj.weight))
+            for projection in (layer.self_attn.hr_k_proj, layer.self_attn.hr_v_proj):
+                for parameter in projection.parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
 
     input_ids = single_inputs["input_ids"]
     length = input_ids.shape[1]
@@ -164,7 +170,7 @@ def test_select_all_equals_dense_reference(backbone, with_labels, single_inputs)
     features = reference_high_res_features(reference, single_inputs["high_res_pixel_values"], zoom=3)
     image_positions = (input_ids[0] == config.image_token_id).nonzero().squeeze(1)
     cos, sin = reference_high_res_rotary(reference, image_positions, grid, 3 * grid)
-    name = f"dense_reference_{backbone}_{with_labels}"
+    name = f"dense_reference_{backbone}_{with_labels}_{values}"
     AttentionInterface.register(name, DenseReference(features, cos, sin, high_res_rows))
     AttentionMaskInterface.register(name, eager_mask)
     reference.set_attn_implementation({"text_config": name})

@@ -4,8 +4,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from hf_flexattention.selection import padding_margin_cells, select_high_res_tokens
+from hf_flexattention.selection import (
+    budget_cells,
+    padding_margin_cells,
+    pool_cells,
+    pooling_windows,
+    select_high_res_tokens,
+    token_cells,
+)
 
 
 def reference_selection(attention, grid, high_res_grid, pool, threshold, size=None):
@@ -95,12 +103,53 @@ def test_threshold_is_strict():
     assert selected.tolist() == [[False, False, True, False]]
 
 
-def test_topk_keeps_a_fixed_fraction_of_cells():
-    attention = torch.rand(4, 64)
-    selected = select_high_res_tokens(attention, high_res_grid=8, selection_grid=8, mode="topk", topk_ratio=0.25)
-    assert selected.sum(dim=1).tolist() == [16] * 4
-    strongest = attention.topk(16, dim=1).indices
-    assert torch.equal(selected.gather(1, strongest), torch.ones(4, 16, dtype=torch.bool))
+@pytest.mark.parametrize("grid,pool", [(24, 9), (8, 3), (6, 4), (5, 3), (8, 8)])
+def test_pooling_windows_equal_adaptive_max_pool(grid, pool):
+    maps = torch.rand(4, grid * grid)
+    got = pool_cells(maps, pooling_windows(grid, pool))
+    want = F.adaptive_max_pool2d(maps.view(4, grid, grid), pool).flatten(1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pool,high_res_grid", [(9, 72), (3, 24), (4, 12), (5, 12)])
+def test_token_cells_follow_nearest_upsampling(pool, high_res_grid):
+    cells = torch.arange(pool * pool, dtype=torch.float32).view(1, 1, pool, pool)
+    upsampled = F.interpolate(cells, size=(high_res_grid, high_res_grid), mode="nearest").flatten().long()
+    assert torch.equal(token_cells(pool, high_res_grid), upsampled)
+
+
+def test_topk_is_a_budget_of_whole_cells():
+    """LLaVA-1.5: topk_ratio=0.1 keeps round(8.1) = 8 of the 81 cells, each 8x8 high-res tokens: 512 per row."""
+    assert budget_cells(0.1, 9) == 8
+    attention = torch.rand(6, 24 * 24) ** 4
+    selected = select_high_res_tokens(attention, high_res_grid=72, selection_grid=9, mode="topk", topk_ratio=0.1)
+    assert selected.sum(dim=1).tolist() == [512] * 6
+    pooled = F.adaptive_max_pool2d(attention.view(6, 24, 24), 9).flatten(1)
+    strongest = pooled.topk(8, dim=1).indices
+    kept_cells = selected.view(6, 9, 8, 9, 8).any(dim=(2, 4)).flatten(1)
+    assert torch.equal(kept_cells.sum(dim=1), torch.full((6,), 8))
+    assert kept_cells.gather(1, strongest).all()
+
+
+def test_topk_never_spends_its_budget_on_padding():
+    """A very wide image leaves few rows of cells inside: the budget keeps only cells that overlap the image."""
+    attention = torch.rand(2, 24 * 24)
+    sizes = torch.tensor([[100, 1000], [100, 1000]])  # margin: int(450 / 1000 * 24) = 10 rows on each side
+    selected = select_high_res_tokens(
+        attention, high_res_grid=72, selection_grid=9, mode="topk", topk_ratio=0.5, original_sizes=sizes
+    )
+    # Low-res rows 10..13 are inside; the pooling windows [8,11) [10,14) [13,16) (coarse rows 3..5, high-res rows
+    # 24..47) overlap them: 27 cells, fewer than the budget of round(40.5) = 41, so all of them and nothing else.
+    kept_rows = selected.view(2, 72, 72).all(dim=2)
+    assert kept_rows[:, 24:48].all() and not selected.view(2, 72, 72)[:, :24].any()
+    assert not selected.view(2, 72, 72)[:, 48:].any()
+    assert selected.sum(dim=1).tolist() == [27 * 64] * 2
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, 0.001])
+def test_a_budget_outside_the_valid_range_is_refused(ratio):
+    with pytest.raises(ValueError, match=r"topk_ratio.*\[0\.006173, 1\]"):
+        budget_cells(ratio, 9)
 
 
 def test_topk_ratio_one_selects_everything():
