@@ -1,17 +1,22 @@
-"""Latency and memory of FlexAttention next to its two baselines, on the same image and prompt, in one run.
+"""Latency, memory and per-step cost of FlexAttention next to its two baselines, on the same inputs, in one run.
 
-(a) the stock Llava model: the low-res image tokens in the sequence (576 for LLaVA-1.5; 64 for the tiny model);
+(a) the stock Llava model: the low-res image tokens in the sequence (576 for LLaVA-1.5);
 (b) the same model patched with FlexAttention: the same prompt, plus the high-res image outside the sequence;
-(c) the "full high-res" model: the stock model with all M high-res tokens in the sequence (5184; 576 for tiny).
+(c) the "full high-res" model: the stock model with all M high-res tokens in the sequence (5184 for LLaVA-1.5).
 
-Each variant runs greedy `generate` with the KV cache once per round. Prefill is the time until the first token's
-scores are ready (image encoding included: the low-res image for (a), it and the zoom x zoom high-res tiles for (b),
-the high-res tiles for (c)); decode is the median time of the further steps. Memory is the peak allocated on CUDA,
-or on CPU the KV cache plus the high-res state that FlexAttention keeps on it. Warm-up rounds are discarded,
-variants take turns within each round, and the table reports medians over rounds.
+Each variant runs greedy `generate` (dynamic KV cache, or with `--compile` a static cache and compiled decoding on
+both sides). Prefill is the time until the first token's scores are ready (image encoding included: the low-res
+image for (a), it and the zoom x zoom high-res tiles for (b), the tiles for (c)); decode is the median time of the
+further steps. Memory is the peak allocated on CUDA, or on the CPU the KV cache plus the state FlexAttention keeps.
+Per decode step the table also counts host syncs and operators (`hf_flexattention.counting`): aten ops on the CPU,
+CUDA kernel launches on a GPU. Warm-up rounds are discarded, variants take turns within each round, the table
+reports medians over rounds, and ratios are taken within one run.
 
-    python examples/benchmark.py                                     # tiny model built in code (CPU friendly)
-    python examples/benchmark.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg --device cuda
+    python examples/benchmark.py                                        # a tiny model built in code (CPU)
+    python examples/benchmark.py --shape tiny-llava --threads 1         # LLaVA-1.5's image geometry, small LM
+    python examples/benchmark.py --shape llava-1.5-7b --batch-size 1 8  # exact 7B shapes, random weights (GPU)
+    python examples/benchmark.py --shape llava-1.5-7b --compile         # static cache + torch.compile, both sides
+    python examples/benchmark.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg --prompt "What is written?"
 """
 
 import argparse
@@ -19,54 +24,100 @@ import dataclasses
 import os
 import platform
 import statistics
+import sys
 import time
 from itertools import pairwise
 
-import torch
-import transformers
-from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import hf_flexattention
-from hf_flexattention import is_patched, patch_model, unpatch_model
-from hf_flexattention.demo import DTYPES, TINY_PROMPT, build_prompt, make_test_image
-from hf_flexattention.high_res import encode_high_res_features
-from hf_flexattention.processing_flex_llava import FlexLlavaProcessor
-from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a source checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoProcessor,
+    CompileConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+
+import hf_flexattention  # noqa: E402
+from hf_flexattention import is_patched, patch_model, unpatch_model  # noqa: E402
+from hf_flexattention.counting import decode_step_counts  # noqa: E402
+from hf_flexattention.demo import DTYPES, TINY_PROMPT, build_prompt, make_test_image  # noqa: E402
+from hf_flexattention.high_res import encode_high_res_features  # noqa: E402
+from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
+from hf_flexattention.shapes import SHAPES, shaped_llava_config  # noqa: E402
+from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa: E402
 
 
 VARIANTS = {"a": "stock, low-res tokens", "b": "FlexAttention", "c": "stock, all high-res tokens"}
 REAL_PROMPT = "Describe the image in detail."
+# Shapes built in code: the tiny model of the tests, the same with LLaVA-1.5's image geometry (336 px / patch 14),
+# and released checkpoints in their exact shapes (random weights: build them on a GPU).
+TINY_SHAPES = {
+    "tiny": {"num_layers": 4, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2},
+    "tiny-llava": {
+        "num_layers": 8,
+        "hidden_size": 256,
+        "num_heads": 8,
+        "num_kv_heads": 8,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (see `--help`)."""
+    """Command-line options (see `--help`); every bad value stops here, before any model is built."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="Llava checkpoint (Hub id or folder); default: a tiny model built in code")
-    parser.add_argument("--tiny-layers", type=int, default=8, help="tiny model: language-model layers")
-    parser.add_argument("--tiny-hidden", type=int, default=256, help="tiny model: language-model hidden size")
+    parser.add_argument("--model", help="a Llava checkpoint (Hub id or folder) instead of a shape built in code")
     parser.add_argument(
-        "--tiny-geometry",
-        choices=("small", "llava"),
-        default="small",
-        help="tiny model's image grid: small (32 px / patch 4: 64 low-res, 576 high-res tokens) or llava "
-        "(336 px / patch 14: LLaVA-1.5's 576 low-res and 5184 high-res tokens)",
+        "--shape", choices=[*TINY_SHAPES, *SHAPES], default="tiny", help="model built in code (default: tiny)"
     )
-    parser.add_argument("--image", help="image file (default: a drawn test image)")
-    parser.add_argument("--prompt", help="question, or a full prompt holding <image>")
+    parser.add_argument("--image", help="image file (default: drawn test images, one per sequence)")
+    parser.add_argument("--prompt", help="--model: question, or a full prompt holding <image>")
+    parser.add_argument("--text-tokens", type=int, default=40, help="7B/13B shapes: non-image prompt tokens")
     parser.add_argument("--n-fa", type=int, help="FlexAttention layers (default: the released 23-of-32 share)")
-    parser.add_argument("--threshold", type=float, default=48 / 255, help="selection threshold in [0, 1)")
+    parser.add_argument("--selection", choices=("threshold", "topk"), default="threshold")
+    parser.add_argument("--threshold", type=float, default=48 / 255, help="threshold selection, in [0, 1)")
+    parser.add_argument("--topk-ratio", type=float, default=0.1, help="budget: fraction of high-res tokens kept")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one table row set per batch size")
+    parser.add_argument("--compile", action="store_true", help="static cache and compiled decoding on both sides")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, else float32")
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per decode measurement (>= 2)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per round (>= 4)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.new_tokens < 2 or args.repeats < 1 or args.warmup < 0:
-        parser.error("need --new-tokens >= 2, --repeats >= 1 and --warmup >= 0")
+    if args.new_tokens < 4 or args.repeats < 1 or args.warmup < 0 or args.text_tokens < 1:
+        parser.error("need --new-tokens >= 4, --repeats >= 1, --warmup >= 0 and --text-tokens >= 1")
+    if min(args.batch_size) < 1:
+        parser.error(f"--batch-size must be >= 1, got {min(args.batch_size)}")
+    if args.model is not None and (args.image is None) != (args.prompt is None):
+        parser.error("--model takes --image FILE and --prompt TEXT together (or neither: a drawn image)")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if args.compile:
+        problem = compiler_problem(args.device)
+        if problem:
+            parser.error(f"--compile needs a working torch.compile backend on {args.device}: {problem}")
     return args
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """Why `torch.compile` (inductor) cannot run on `device`, or None: a one-line function compiled first."""
+    try:
+        compiled = torch.compile(lambda x: x * 2 + 1, backend="inductor", fullgraph=True)
+        compiled(torch.ones(4, device=device))
+    except Exception as error:  # noqa: BLE001 (any failure means the same thing here)
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
 
 
 def hardware(device: torch.device) -> str:
@@ -82,34 +133,84 @@ def hardware(device: torch.device) -> str:
     return f"CPU: {name}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}"
 
 
-def load(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
-    """The stock model, a `FlexLlavaProcessor` for it, the prompt and a description of the model."""
-    if args.model is None:
-        hidden = args.tiny_hidden
-        heads = max(4, hidden // 32)
-        image_size, patch_size = (336, 14) if args.tiny_geometry == "llava" else (32, 4)
-        model = build_tiny_llava(
-            num_layers=args.tiny_layers,
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=heads // 2,
-            dtype=dtype,
-            image_size=image_size,
-            patch_size=patch_size,
-        ).to(device)
-        processor = build_tiny_processor(image_size=image_size, patch_size=patch_size)
-        description = f"tiny random Llava built in code ({args.tiny_layers} layers, hidden {hidden}, {heads} heads)"
-        prompt = TINY_PROMPT if args.prompt is None else args.prompt
-    else:
+def test_images(count: int) -> list[Image.Image]:
+    """Distinct drawn images of different shapes (a batch of one image repeated would share its state)."""
+    images = []
+    for index in range(count):
+        image = make_test_image(120 + 16 * index, 80 + 8 * (index % 3))
+        noise = np.random.default_rng(index).integers(0, 24, (image.height, image.width, 3), dtype=np.uint8)
+        images.append(Image.fromarray(np.asarray(image) - noise))
+    return images
+
+
+@dataclasses.dataclass
+class Setup:
+    model: LlavaForConditionalGeneration
+    make_inputs: object  # batch size -> the (b) inputs
+    description: str
+
+
+def load(args: argparse.Namespace, dtype: torch.dtype) -> Setup:
+    """The stock model and a function that builds the inputs of a batch."""
+    device = args.device
+    if args.model is not None:
         model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device_map=device)
         processor = FlexLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained(args.model))
-        description = args.model
         prompt = build_prompt(processor, args.prompt or REAL_PROMPT)
-    return model.eval(), processor, prompt, description
+        image = None
+        if args.image is not None:
+            with Image.open(args.image) as opened:
+                image = opened.convert("RGB")
+
+        def make_inputs(batch: int) -> dict:
+            images = [image] * batch if image is not None else test_images(batch)
+            return processor(images=images, text=[prompt] * batch, return_tensors="pt").to(device, dtype=dtype)
+
+        return Setup(model.eval(), make_inputs, args.model)
+
+    if args.shape in TINY_SHAPES:
+        shape = TINY_SHAPES[args.shape]
+        model = build_tiny_llava(dtype=dtype, **shape).to(device)
+        size = shape.get("image_size", 32), shape.get("patch_size", 4)
+        processor = build_tiny_processor(image_size=size[0], patch_size=size[1])
+        text = model.config.text_config
+        description = (
+            f"{args.shape}: a random Llava built in code ({text.num_hidden_layers} layers, hidden "
+            f"{text.hidden_size}, {text.num_attention_heads} heads; {size[0]} px / patch {size[1]})"
+        )
+
+        def make_inputs(batch: int) -> dict:
+            inputs = processor(images=test_images(batch), text=[TINY_PROMPT] * batch, return_tensors="pt")
+            return inputs.to(device, dtype=dtype)
+
+        return Setup(model, make_inputs, description)
+
+    config = shaped_llava_config(args.shape)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    pixels_of = build_tiny_processor(image_size=336, patch_size=14)  # LLaVA-1.5's image preprocessing geometry
+    generator = torch.Generator().manual_seed(0)
+
+    def make_inputs(batch: int) -> dict:
+        pixels = pixels_of(images=test_images(batch), text=[TINY_PROMPT] * batch, return_tensors="pt")
+        image_token = config.image_token_id
+        text = torch.randint(3, image_token, (batch, args.text_tokens), generator=generator)
+        image = torch.full((batch, config.image_seq_length), image_token)
+        input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), text[:, :4], image, text[:, 4:]], dim=1)
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": torch.ones_like(input_ids, device=device),
+            "pixel_values": pixels["pixel_values"].to(device, dtype),
+            "high_res_pixel_values": pixels["high_res_pixel_values"].to(device, dtype),
+            "original_image_sizes": pixels["original_image_sizes"].to(device),
+        }
+
+    description = f"{args.shape} ({SHAPES[args.shape][0]}'s exact shapes, random weights built on {device})"
+    return Setup(model.eval(), make_inputs, description)
 
 
-def encode_all_high_res(model: LlavaForConditionalGeneration, high_res_pixel_values: torch.Tensor) -> torch.Tensor:
-    """High-res features of the stock model: the same tiles, tower, feature layer and projector as the plugin's."""
+def full_high_res_inputs(model: LlavaForConditionalGeneration, inputs: dict, high_res_tokens: int) -> dict:
+    """(c): every sequence's run of image tokens replaced by its M high-res features (encoded here: timed)."""
 
     def encode_tiles(tiles: torch.Tensor) -> torch.Tensor:
         outputs = model.model.get_image_features(
@@ -120,16 +221,20 @@ def encode_all_high_res(model: LlavaForConditionalGeneration, high_res_pixel_val
         )
         return torch.stack(list(outputs.pooler_output))
 
-    return encode_high_res_features(encode_tiles, high_res_pixel_values, model.config.vision_config.image_size)
-
-
-def expand_image_tokens(input_ids: torch.Tensor, image_token_id: int, count: int) -> torch.Tensor:
-    """A one-sample prompt whose run of image tokens is replaced by `count` image tokens."""
-    ids = input_ids[0]
-    positions = (ids == image_token_id).nonzero()[:, 0]
-    first, last = int(positions[0]), int(positions[-1])
-    image = torch.full((count,), image_token_id, dtype=ids.dtype, device=ids.device)
-    return torch.cat([ids[:first], image, ids[last + 1 :]])[None]
+    features = encode_high_res_features(
+        encode_tiles, inputs["high_res_pixel_values"], model.config.vision_config.image_size
+    )
+    ids = inputs["input_ids"]
+    is_image = ids == model.config.image_token_id
+    first = int(is_image[0].nonzero()[0, 0])
+    count = int(is_image[0].sum())
+    image = torch.full((ids.shape[0], high_res_tokens), model.config.image_token_id, device=ids.device)
+    full_ids = torch.cat([ids[:, :first], image, ids[:, first + count :]], dim=1)
+    return {
+        "input_ids": full_ids,
+        "attention_mask": torch.ones_like(full_ids),
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))},
+    }
 
 
 def tensors_in(value) -> list[torch.Tensor]:
@@ -145,8 +250,7 @@ def tensors_in(value) -> list[torch.Tensor]:
     return []
 
 
-def megabytes(value) -> float:
-    """Total size of the tensors held by `value`, in MiB."""
+def mebibytes(value) -> float:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors_in(value)) / 2**20
 
 
@@ -173,137 +277,150 @@ class StepClock(LogitsProcessor):
         return [later - earlier for earlier, later in pairwise(self.times)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the hardware, versions and a markdown table."""
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    model, processor, prompt, description = load(args, dtype, device)
-    num_layers = model.config.text_config.num_hidden_layers
-    n_fa = args.n_fa if args.n_fa is not None else min(num_layers - 1, max(1, round(num_layers * 23 / 32)))
-    if args.image is None:
-        image = make_test_image()
-    else:
-        try:
-            with Image.open(args.image) as opened:
-                image = opened.convert("RGB")
-        except OSError as error:
-            raise SystemExit(f"cannot open image file {args.image!r}: {error}") from error
+class Runner:
+    """One model switched between stock and patched, each with its own compiled decoding when `--compile`."""
 
-    flex_inputs = processor(images=image, text=prompt, return_tensors="pt").to(device, dtype=dtype)
-    image_token_id = model.config.image_token_id
-    low_res_tokens = int((flex_inputs["input_ids"] == image_token_id).sum())
-    high_res_tokens = (processor.zoom * (processor.low_res_size // processor.patch_size)) ** 2
-    low_res_inputs = {key: flex_inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
-    full_ids = expand_image_tokens(flex_inputs["input_ids"], image_token_id, high_res_tokens)
-    high_res_pixel_values = flex_inputs["high_res_pixel_values"]
+    def __init__(self, model: LlavaForConditionalGeneration, args: argparse.Namespace):
+        self.model, self.args = model, args
+        layers = model.config.text_config.num_hidden_layers
+        self.n_fa = args.n_fa if args.n_fa is not None else min(layers - 1, max(1, round(layers * 23 / 32)))
+        self.compiled_calls: dict[bool, object] = {}
+        self.generate_kwargs = {"do_sample": False}
+        if args.compile:
+            config = CompileConfig(fullgraph=True, mode="reduce-overhead" if args.device.type == "cuda" else None)
+            config._compile_all_devices = args.device.type != "cuda"  # generate compiles on accelerators only
+            self.generate_kwargs.update(cache_implementation="static", compile_config=config)
 
-    def full_high_res_inputs() -> dict:
-        features = encode_all_high_res(model, high_res_pixel_values)
-        image_outputs = BaseModelOutputWithPooling(pooler_output=list(features))
-        return {
-            "input_ids": full_ids,
-            "attention_mask": torch.ones_like(full_ids),
-            "mm_encoder_outputs": {"image": image_outputs},
-        }
-
-    def set_patched(patched: bool) -> None:
-        if patched and not is_patched(model):
-            patch_model(model, n_fa=n_fa, threshold=args.threshold)
-        elif not patched and is_patched(model):
+    def use(self, patched: bool) -> None:
+        model = self.model
+        if patched == is_patched(model):
+            return
+        if hasattr(model, "_compiled_call"):  # each class gets its own compiled graph, made once
+            self.compiled_calls[not patched] = model._compiled_call
+            del model._compiled_call
+        if patched:
+            settings = {"threshold": self.args.threshold, "topk_ratio": self.args.topk_ratio}
+            patch_model(model, n_fa=self.n_fa, selection=self.args.selection, **settings)
+        else:
             unpatch_model(model)
+        if patched in self.compiled_calls:
+            model._compiled_call = self.compiled_calls[patched]
 
-    def generate(key: str, clock: StepClock):
-        # (c) encodes its high-res tiles inside the timed region, as a full high-res model would.
-        inputs = {"a": low_res_inputs, "b": flex_inputs}[key] if key != "c" else full_high_res_inputs()
-        return model.generate(
-            **inputs,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock]),
-            return_dict_in_generate=True,
-        )
+    def generate(self, inputs: dict, tokens: int, clock: StepClock | None = None):
+        kwargs = dict(self.generate_kwargs, max_new_tokens=tokens, min_new_tokens=tokens)
+        if clock is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([clock])
+        return self.model.generate(**inputs, return_dict_in_generate=True, **kwargs)
 
-    prefill, decode, memory = ({key: [] for key in VARIANTS} for _ in range(3))
-    state_memory = []  # (b)'s high-res state on the cache, part of its CPU memory figure
+
+def measure(runner: Runner, inputs: dict, args: argparse.Namespace) -> dict[str, dict]:
+    """Time and memory of each variant (medians over rounds), counts per decode step, and (b)'s selection."""
+    device, model = args.device, runner.model
+    high_res_tokens = inputs["high_res_pixel_values"].shape[-1] ** 2 // model.config.vision_config.patch_size**2
+    low_res_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    results = {key: {"prefill": [], "decode": [], "memory": []} for key in VARIANTS}
     with torch.inference_mode():
+        full_inputs = full_high_res_inputs(model, inputs, high_res_tokens)  # to read its prompt length
         for round_index in range(args.warmup + args.repeats):
             for key in VARIANTS:
-                set_patched(key == "b")
+                runner.use(key == "b")
                 clock = StepClock(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 synchronize(device)
                 start = time.perf_counter()
-                output = generate(key, clock)
+                # (c) encodes its high-res tiles inside the timed region, as a full high-res model would.
+                variant_inputs = {"a": low_res_inputs, "b": inputs}.get(key) or full_high_res_inputs(
+                    model, inputs, high_res_tokens
+                )
+                output = runner.generate(variant_inputs, args.new_tokens, clock)
                 if round_index < args.warmup:
                     continue
-                prefill[key].append((clock.times[0] - start) * 1e3)
+                results[key]["prefill"].append((clock.times[0] - start) * 1e3)
                 # The median step is robust to the odd stall of a shared machine; the mean would not be.
-                decode[key].append(statistics.median(clock.step_times()) * 1e3)
+                results[key]["decode"].append(statistics.median(clock.step_times()) * 1e3)
                 if device.type == "cuda":
-                    memory[key].append(torch.cuda.max_memory_allocated(device) / 2**20)
+                    results[key]["memory"].append(torch.cuda.max_memory_allocated(device) / 2**30)
                 else:
-                    kv = megabytes([(layer.keys, layer.values) for layer in output.cache.layers])
-                    state = megabytes(getattr(output.cache, "flex_state", None))
-                    memory[key].append(kv + state)
-                    if key == "b":
-                        state_memory.append(state)
-        set_patched(True)
-        trace = []
-        model(**flex_inputs, flex_trace=trace)
-    selected = [int(counts[0, 0]) for _, counts in trace]
+                    kv = mebibytes([(layer.keys, layer.values) for layer in output.past_key_values.layers])
+                    results[key]["memory"].append(kv + mebibytes(getattr(output.past_key_values, "flex_state", None)))
+    variant_inputs = {"a": low_res_inputs, "b": inputs, "c": full_inputs}
+    for key in VARIANTS:
+        runner.use(key == "b")
+        results[key]["counts"] = decode_step_counts(model, variant_inputs[key], **runner.generate_kwargs)
+        results[key]["prompt"] = variant_inputs[key]["input_ids"].shape[1]
+    runner.use(True)
+    trace = []
+    with torch.inference_mode():
+        model(**inputs, flex_trace=trace)
+    selected = torch.cat([counts.flatten().float() for _, counts in trace])
+    results["b"]["selected"] = (selected.mean().item() / high_res_tokens, selected.min().item(), selected.max().item())
+    return results
 
-    prompt_tokens = {
-        "a": low_res_inputs["input_ids"].shape[1],
-        "b": flex_inputs["input_ids"].shape[1],
-        "c": full_ids.shape[1],
-    }
-    memory_name = "peak MB (with weights)" if device.type == "cuda" else "cache MB"
-    print(f"hardware:     {hardware(device)}")
+
+def table(all_results: dict[int, dict], cuda: bool) -> str:
+    """The markdown table: one row per batch size and variant, ratios to (a) and (c) of the same batch size."""
+    memory = "peak GiB" if cuda else "cache+state MiB"
+    count = "kernels/step" if cuda else "aten ops/step"
+    header = ["batch", "variant", "prompt tokens", "prefill ms", "vs (a)", "vs (c)", "decode ms/token"]
+    header += ["vs (a)", "vs (c)", memory, "vs (a)", "vs (c)", "syncs/step", count, "vs (a)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
+    for batch, results in all_results.items():
+        for key, name in VARIANTS.items():
+            row = [str(batch), f"({key}) {name}", str(results[key]["prompt"])]
+            for metric, digits in (("prefill", 1), ("decode", 2), ("memory", 2)):
+                value = statistics.median(results[key][metric])
+                ratios = [value / statistics.median(results[base][metric]) for base in ("a", "c")]
+                row += [f"{value:.{digits}f}", *(f"{ratio:.2f}x" for ratio in ratios)]
+            counts = results[key]["counts"]
+            operators = counts.kernels if cuda else counts.ops
+            stock = results["a"]["counts"].kernels if cuda else results["a"]["counts"].ops
+            syncs = counts.syncs + (counts.device_syncs or 0)
+            row += [str(syncs), str(operators), f"{operators / stock:.2f}x"]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the hardware, versions and a markdown table."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.type == "cuda" else torch.float32)
+    setup = load(args, dtype)
+    runner = Runner(setup.model, args)
+    all_results = {batch: measure(runner, setup.make_inputs(batch), args) for batch in args.batch_size}
+
+    config = setup.model.config
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    zoom = 3
+    selection = (
+        f"threshold {args.threshold:.4f}" if args.selection == "threshold" else f"budget topk_ratio={args.topk_ratio}"
+    )
+    print(f"hardware:  {hardware(args.device)}")
     print(
-        f"software:     torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"software:  torch {torch.__version__}, transformers {transformers.__version__}, "
         f"hf_flexattention {hf_flexattention.__version__}, Python {platform.python_version()}"
     )
-    print(f"model:        {description}, {str(dtype).split('.')[-1]} on {device}")
+    print(f"model:     {setup.description}, {str(dtype).split('.')[-1]} on {args.device}")
     print(
-        f"flex:         n_fa={n_fa} of {num_layers} layers, threshold={args.threshold:.4f}; "
-        f"{low_res_tokens} low-res and {high_res_tokens} high-res image tokens"
+        f"flex:      n_fa={runner.n_fa} of {config.text_config.num_hidden_layers} layers, {selection}; "
+        f"{grid * grid} low-res and {(zoom * grid) ** 2} high-res image tokens per image"
     )
+    decoding = "static cache, compiled decoding (torch.compile, fullgraph)" if args.compile else "dynamic KV cache"
     print(
-        f"method:       greedy generate with KV cache, {args.new_tokens} new tokens; prefill = time to the first "
-        f"token's scores, decode = median step; medians of {args.repeats} rounds after {args.warmup} discarded, "
-        "variants interleaved"
+        f"method:    greedy generate, {decoding}, {args.new_tokens} new tokens; prefill = time to the first token's "
+        f"scores, decode = median step; medians of {args.repeats} rounds after {args.warmup} discarded, variants "
+        "interleaved; syncs and operators counted for one decode step"
     )
-    print(
-        f"selection:    (b) selected {statistics.mean(selected):.0f} of {high_res_tokens} high-res tokens per layer "
-        f"on average ({statistics.mean(selected) / high_res_tokens:.1%}; min {min(selected)}, max {max(selected)}) "
-        "for the first answer row"
-    )
-    if device.type != "cuda":
+    for batch, results in all_results.items():
+        share, low, high = results["b"]["selected"]
         print(
-            f"memory:       on CPU, {memory_name} = keys and values of the generate cache after {args.new_tokens} "
-            f"tokens, plus the high-res state that (b) keeps on it ({statistics.median(state_memory):.2f} MB: "
-            "features, RoPE tables, projected high-res K/V)"
+            f"selection: batch {batch}: (b) selected {share:.1%} of the high-res tokens per row and layer on average "
+            f"(min {low:.0f}, max {high:.0f} tokens)"
         )
     print()
-
-    def cell(values: dict, key: str, digits: int) -> list[str]:
-        value = statistics.median(values[key])
-        ratios = [value / statistics.median(values[base]) for base in ("a", "c")]
-        return [f"{value:.{digits}f}"] + [f"{ratio:.2f}x" for ratio in ratios]
-
-    header = ["variant", "prompt tokens", "prefill ms", "vs (a)", "vs (c)", "decode ms/token", "vs (a)", "vs (c)"]
-    header += [memory_name, "vs (a)", "vs (c)"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" if index == 0 else "---:" for index in range(len(header))) + "|")
-    for key, name in VARIANTS.items():
-        row = [f"({key}) {name}", str(prompt_tokens[key])]
-        row += cell(prefill, key, 1) + cell(decode, key, 2) + cell(memory, key, 2)
-        print("| " + " | ".join(row) + " |")
+    print(table(all_results, args.device.type == "cuda"))
     return 0
 
 

@@ -225,36 +225,41 @@ def flex_attention_forward(
         plain = scores.softmax(dim=-1, dtype=torch.float32)
         _select_for_next_layer(flex_call, layer_idx, plain)
 
-    rows = _hierarchical_rows(module, flex_call, queries, scores, value) if flex_layer else None
-    if rows is None and attn_output is not None:
-        if flex_layer and torch.is_grad_enabled():
-            attn_output = _with_zero_high_res_gradient(module, attn_output)
-        return attn_output, attn_weights
-    if rows is None:  # the queries of a plain layer that selects (or of an empty union): plain attention
+    output = _hierarchical_rows(module, flex_call, queries, scores, value) if flex_layer else None
+    # A FlexAttention layer whose rows selected nothing (training only) still gives its hr projections a gradient.
+    unused = flex_layer and output is None and torch.is_grad_enabled()
+    if output is None and attn_output is not None:
+        return (_with_zero_high_res_gradient(module, attn_output) if unused else attn_output), attn_weights
+    if output is None:  # the queries of a plain layer that selects: their plain attention is the layer's output
         plain = scores.softmax(dim=-1, dtype=torch.float32) if plain is None else plain
-        rows = (plain if plain.dtype == value.dtype else plain.to(value.dtype)) @ value
+        output = (plain if plain.dtype == value.dtype else plain.to(value.dtype)) @ value
     if flex_call.row_index is None:  # one row per sequence: (batch, kv_heads, groups, d) is (batch, 1, heads, d)
-        rows = rows.view(batch, 1, heads, head_dim)
+        output = output.view(batch, 1, heads, head_dim)
     else:
-        rows = rows.view(batch, heads, -1, head_dim).transpose(1, 2)  # batch, rows, heads, head_dim
+        output = output.view(batch, heads, -1, head_dim).transpose(1, 2)  # batch, rows, heads, head_dim
+    if unused:
+        output = _with_zero_high_res_gradient(module, output)
     if attn_output is None:
-        if flex_layer and torch.is_grad_enabled():
-            rows = _with_zero_high_res_gradient(module, rows)
-        return rows, None
+        return output, None
+    return _merge_rows(flex_call, attn_output, output), attn_weights
 
+
+def _merge_rows(call: FlexCall, attn_output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The backbone's `attn_output` `(batch, q, heads, d)` with the valid high-res rows `(batch, rows, heads, d)`
+    put in (blended by the warm-up alpha). Scatters without reading anything on the host."""
     rows = rows.to(attn_output.dtype)
-    if flex_call.row_index is None:
+    if call.row_index is None:
         base = attn_output
     else:
-        batch_index = torch.arange(batch, device=query.device)[:, None]
-        base = attn_output[batch_index, flex_call.row_index]
-    if flex_call.alpha != 1.0:
-        rows = base + flex_call.alpha * (rows - base)
-    if flex_call.row_valid is not None:
-        rows = torch.where(flex_call.row_valid[..., None, None], rows, base)
-    if flex_call.row_index is None:
-        return rows, attn_weights
-    return attn_output.index_put((batch_index, flex_call.row_index), rows), attn_weights
+        batch_index = torch.arange(attn_output.shape[0], device=attn_output.device)[:, None]
+        base = attn_output[batch_index, call.row_index]
+    if call.alpha != 1.0:
+        rows = base + call.alpha * (rows - base)
+    if call.row_valid is not None:
+        rows = torch.where(call.row_valid[..., None, None], rows, base)
+    if call.row_index is None:
+        return rows
+    return attn_output.index_put((batch_index, call.row_index), rows)
 
 
 def _flex_sdpa(module, query, key, value, attention_mask, **kwargs):
