@@ -1,6 +1,6 @@
 """Dual-resolution helpers: tile the high-res image, stitch tile features, place high-res keys in RoPE.
 
-Shipped as remote code with saved checkpoints: torch, transformers and relative imports only.
+Shipped as remote code with saved checkpoints: torch only.
 """
 
 from collections.abc import Callable

@@ -2,18 +2,23 @@
 
 Keys. A high-res key is `RoPE(hr_k_proj(f))`, with the token's interpolated rotary phase. Two ways to have them:
 
-* dense (inference with the paper's threshold or the random selection, whose selected count is data-dependent):
-  every high-res token is projected once per layer at prefill and kept on the state; each decode step masks the
-  unselected ones. Static shapes, no gather, no re-projection; costs `n_fa * M * kv_dim` values per image
-  (0.91 GiB for LLaVA-1.5-7B in fp16).
-* gathered (the `"topk"` budget, whose count is static, and training): only the candidate tokens are gathered
-  and projected, every call. At inference a budget row projects a fixed number of tokens per step (512 of 5184
-  at `topk_ratio=0.1` on LLaVA-1.5), so nothing is kept.
+* dense (inference, every selection mode): every high-res token is projected once per layer at prefill and kept
+  on the state; each decode step masks the unselected ones. Static shapes, no gather, no re-projection, whatever
+  the selection picks; costs `n_fa * M * kv_dim` values per image (0.91 GiB for LLaVA-1.5-7B in fp16) and
+  `n_fa * M * hidden * kv_dim` multiply-adds at prefill (2 TMACs for LLaVA-1.5-7B).
+* gathered (training, with gradients): the union of the tokens a sequence's rows selected is gathered and
+  projected, every call; reading the union's size costs one host sync per layer, which a training step affords.
+
+Dense rather than gathered at inference: the paper's threshold selection has no static count to gather, and even
+a static budget would gather, rotate and project its tokens in every layer at every step (more operators per step,
+and at batch 8 about 3.6 TFLOPs per step for LLaVA-1.5-7B at a 10% budget) where the dense step only masks.
 
 Values are never projected token by token when it is cheaper not to. `hr_v_proj` is affine, so a row's attention
 output over high-res tokens, `sum_t p_t hr_v_proj(f_t)`, equals `hr_v_proj(sum_t p_t f_t) + (sum_t p_t - 1) b`:
 one projection of the attention-weighted feature per (head, row) instead of one per token. For one decode row
-that is 32 projections instead of 5184 (dense) or 512 (budget) on LLaVA-1.5-7B, and nothing to keep.
+that is 32 projections instead of 5184 on LLaVA-1.5-7B, and nothing to keep. Keeping every token's value as well
+as its key would double the state (another 0.91 GiB per image); folding instead reads `hr_v_proj`'s weight each
+step (32 MiB per layer, shared by the batch), so at batch 8 it moves about the bytes stored values would.
 
 Shipped as remote code with saved checkpoints: torch and relative imports only.
 """

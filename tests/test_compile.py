@@ -4,26 +4,7 @@ import pytest
 import torch
 from transformers import CompileConfig, StaticCache
 
-from hf_flexattention import patch_model
-from hf_flexattention.tiny import build_tiny_llava
-
-
-NEW_TOKENS = 5
-
-
-def flex_model(**settings):
-    return patch_model(build_tiny_llava(), **{"n_fa": 2, **settings})
-
-
-def greedy(model, inputs, **kwargs):
-    return model.generate(
-        **inputs,
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-        **kwargs,
-    )
+from .test_generate import NEW_TOKENS, flex_model, greedy
 
 
 @pytest.mark.parametrize("selection", ["threshold", "topk"])

@@ -150,6 +150,9 @@ def test_set_attn_implementation_keeps_flex_attention(single_inputs):
         ({"n_fa": 2, "selection": "center"}, ValueError, "threshold"),
         ({"n_fa": 2, "selection_grid": 9}, ValueError, r"\[1, 8\]"),
         ({"n_fa": 2, "topk_ratio": 0.0}, ValueError, "topk_ratio"),
+        # the tiny model's 3x3 selection grid: a budget must keep round(ratio * 9) >= 1 cells
+        ({"n_fa": 2, "selection": "topk", "topk_ratio": 0.05}, ValueError, r"keeps no cell.*\[0\.05556, 1\]"),
+        ({"n_fa": 2, "selection": "topk", "topk_ratio": 1.5}, ValueError, r"\[0\.05556, 1\]"),
         ({"n_fa": 2, "random_p": 1.5}, ValueError, "random_p"),
         ({"n_fa": 2, "warmup": -1}, ValueError, "warmup"),
     ],
