@@ -91,8 +91,10 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def _select_for_next_layer(call: FlexCall, layer_idx: int, plain: torch.Tensor) -> None:
     """Store in `call.selections[layer_idx + 1]` what each high-res row selects from its plain attention map.
 
-    `plain` is `(batch, kv_heads, groups * rows, kv)` float32: summed over heads, restricted to the low-res image
-    tokens, padding margin zeroed (DESIGN.md 2.5). A row of a sequence without an image selects nothing.
+    `plain`: the rows' plain attention probabilities, `(batch, kv_heads, groups * rows, kv)` float32. A row's map
+    is their sum over heads on the low-res image tokens, with the padding margin zeroed (paper Sec. 3.2, as the
+    released code computes it); a row of a sequence without an image, or that predicts no answer token, selects
+    nothing.
     """
     state, rows = call.state, call.rows
     with torch.no_grad():
@@ -102,17 +104,16 @@ def _select_for_next_layer(call: FlexCall, layer_idx: int, plain: torch.Tensor) 
         else:
             image_attention = plain.view(plain.shape[0], -1, rows, plain.shape[-1]).sum(dim=1, keepdim=True)
             positions = state.image_positions.expand(-1, -1, rows, -1)
-        low_res_map = image_attention.gather(-1, positions) * state.inside  # batch, 1, rows, N
+        low_res_map = image_attention.gather(-1, positions) * call.inside  # batch, 1, rows, N
         pooled = pool_cells(low_res_map, state.pooling_windows)
         if call.mode == "threshold":
             cells = threshold_cells(low_res_map, pooled, call.threshold)
         elif call.mode == "topk":
             empty = state.empty_cells if rows == 1 else None
-            cells = topk_cells(pooled, state.cell_inside, call.budget, empty)
+            cells = topk_cells(pooled, call.cell_inside, call.budget, empty)
         else:
-            shape = (plain.shape[0], 1, rows)
-            cells = random_cells(shape, call.selection_grid, call.random_p, state.generator, plain.device)
-            cells = cells & state.cell_inside
+            draw = random_cells(call.row_positions(), layer_idx + 1, call.selection_grid, call.random_p, call.seed)
+            cells = draw[:, None] & call.cell_inside
         selected = cells[..., state.token_cell]  # batch, 1, rows, M
     call.selections[layer_idx + 1] = selected
     if call.trace is not None:

@@ -4,6 +4,7 @@ This file is shipped as remote code next to saved checkpoints, so it imports onl
 standard library and sibling files (relatively).
 """
 
+import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -38,6 +39,7 @@ def validate_flex_settings(
     topk_ratio: float,
     random_p: float,
     warmup: float,
+    random_seed: int = 0,
 ) -> None:
     """Raise a `ValueError`/`TypeError` naming the fix for any FlexAttention setting that cannot work."""
     if isinstance(n_fa, bool) or not isinstance(n_fa, int):
@@ -56,7 +58,7 @@ def validate_flex_settings(
     if not 0.0 <= threshold < 1.0:
         hint = (
             f" The official code's `threshold:{threshold:g}` is on a 0-255 scale: pass {threshold:g}/255."
-            if (1.0 <= threshold <= 255.0)
+            if (1.0 <= threshold <= 255.0 and float(threshold).is_integer())
             else ""
         )
         raise ValueError(f"`threshold={threshold}` must lie in [0, 1) (normalised attention is compared to it).{hint}")
@@ -78,10 +80,20 @@ def validate_flex_settings(
         budget_cells(topk_ratio, selection_grid or default_selection_grid(low_res_grid))  # raises if it keeps no cell
     elif isinstance(topk_ratio, bool) or not isinstance(topk_ratio, (int, float)) or not 0.0 < topk_ratio <= 1.0:
         raise ValueError(f"`topk_ratio={topk_ratio!r}` must lie in (0, 1] (fraction of high-res tokens kept).")
+    if not _is_number(random_p):
+        raise TypeError(f"`random_p` must be a float in [0, 1], got {type(random_p).__name__}.")
     if not 0.0 <= random_p <= 1.0:
         raise ValueError(f"`random_p={random_p}` must lie in [0, 1] (probability that a cell is selected).")
-    if warmup < 0:
+    if isinstance(random_seed, bool) or not isinstance(random_seed, int):
+        raise TypeError(f"`random_seed` must be an int, got {type(random_seed).__name__}.")
+    if not _is_number(warmup):
+        raise TypeError(f"`warmup` must be a number >= 0, got {type(warmup).__name__}.")
+    if not (math.isfinite(warmup) and warmup >= 0):
         raise ValueError(f"`warmup={warmup}` must be >= 0 (alpha = min(1, epoch * warmup); the release uses 10).")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @strict
@@ -107,7 +119,8 @@ class FlexLlavaConfig(LlavaConfig):
         flex_random_p (`float`, *optional*, defaults to 0.1):
             Probability that a selection cell is kept by `"random"`.
         flex_random_seed (`int`, *optional*, defaults to 0):
-            Seed of `"random"` selection (one generator per forward call).
+            Seed of `"random"` selection: a row's cells are a hash of (seed, layer, position), so cached and
+            cache-less generation draw alike.
         flex_warmup (`float`, *optional*, defaults to 10.0):
             Training warm-up rate: `alpha = min(1, epoch * warmup)`.
     """
@@ -139,6 +152,7 @@ class FlexLlavaConfig(LlavaConfig):
             topk_ratio=self.flex_topk_ratio,
             random_p=self.flex_random_p,
             warmup=self.flex_warmup,
+            random_seed=self.flex_random_seed,
         )
 
     @property

@@ -163,13 +163,6 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
         install_flex_attention(self)
 
-    def _reorder_cache(self, cache: Cache, beam_idx: torch.Tensor) -> Cache:
-        cache.reorder_cache(beam_idx)
-        state = getattr(cache, CACHE_ATTRIBUTE, None)
-        if state is not None:
-            state.reorder(beam_idx)
-        return cache
-
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """[`GenerationMixin.generate`], marking where the answer starts so cache-less decoding matches."""
         if kwargs.get("flex_answer_start") is None:
@@ -293,12 +286,11 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             inside[image_rows] = inside_image(original_image_sizes.to(device), grid).float()
         windows = pooling_windows(grid, selection_grid, device)
         cell_inside = (pool_cells(inside, windows) > 0)[:, None, None]
-        generator = None
-        if config.flex_selection == "random":
-            generator = torch.Generator().manual_seed(config.flex_random_seed)
+        # The language model may run in another dtype than the vision tower that made the features.
+        text_dtype = self.model.language_model.dtype
         return FlexState(
-            features=features,
-            rotary=rotary.to(features.dtype),
+            features=features.to(text_dtype),
+            rotary=rotary.to(text_dtype),
             row_image=sample_image.clamp(min=0),
             image_positions=positions[:, None, None],
             inside=inside[:, None, None],
@@ -307,7 +299,6 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             rows_are_images=bool((sample_image == torch.arange(batch, device=device)).all()),
             pooling_windows=windows,
             token_cell=token_cells(selection_grid, config.high_res_grid, device),
-            generator=generator,
         )
 
     def _high_res_rows(
@@ -319,7 +310,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         flex_answer_start: int | None,
         device: torch.device,
     ) -> torch.Tensor | None:
-        """`(batch, q)` bool: the rows of this call that predict answer tokens (DESIGN.md section 2.4).
+        """`(batch, q)` bool: the rows of this call that predict answer tokens (README, "How it works").
 
         None means "the last row of every sequence" and is only returned for one-token calls, whose single row
         is then used without building a mask. Text-only sequences select nothing, so they need no special case.
@@ -429,12 +420,19 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             row_index, row_valid = pack_true_indices(rows.expand(state.row_image.shape[0], -1))
             if row_index.shape[1] == 0:
                 return None, cache
+        inside, cell_inside = state.inside, state.cell_inside
+        if row_valid is not None:  # rows that predict no answer token select nothing
+            valid = row_valid[:, None, :, None]
+            inside, cell_inside = inside * valid, cell_inside & valid
         config = self.config
         call = FlexCall(
             state=state,
             row_index=row_index,
             row_valid=row_valid,
-            query_offset=past_length,
+            # A static cache's length is a tensor that the first layer's cache update increments in place.
+            query_offset=past_length if isinstance(past_length, int) else past_length.clone(),
+            inside=inside,
+            cell_inside=cell_inside,
             alpha=self._flex_alpha(),
             first_flex_layer=config.first_flex_layer,
             num_layers=config.text_config.num_hidden_layers,
@@ -442,6 +440,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             threshold=config.flex_threshold,
             budget=config.topk_cells if config.flex_selection == "topk" else 0,
             random_p=config.flex_random_p,
+            seed=config.flex_random_seed,
             selection_grid=config.resolved_selection_grid,
         )
         return call, cache

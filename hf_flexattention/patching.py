@@ -120,6 +120,19 @@ def patch_model(
     _check_supported(model)
     config = model.config
     low_res_grid = config.vision_config.image_size // config.vision_config.patch_size
+    validate_flex_settings(
+        num_layers=config.text_config.num_hidden_layers,
+        n_fa=n_fa,
+        threshold=threshold,
+        zoom=zoom,
+        selection=selection,
+        selection_grid=selection_grid,
+        low_res_grid=low_res_grid,
+        topk_ratio=topk_ratio,
+        random_p=random_p,
+        warmup=warmup,
+        random_seed=random_seed,
+    )
     settings = {
         "flex_n_fa": n_fa,
         "flex_threshold": float(threshold)
@@ -133,18 +146,6 @@ def patch_model(
         "flex_random_seed": random_seed,
         "flex_warmup": float(warmup),
     }
-    validate_flex_settings(
-        num_layers=config.text_config.num_hidden_layers,
-        n_fa=n_fa,
-        threshold=threshold,
-        zoom=zoom,
-        selection=selection,
-        selection_grid=selection_grid,
-        low_res_grid=low_res_grid,
-        topk_ratio=topk_ratio,
-        random_p=random_p,
-        warmup=warmup,
-    )
     if is_patched(model):
         if all(getattr(config, name) == value for name, value in settings.items()):
             return model

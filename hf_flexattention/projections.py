@@ -11,7 +11,7 @@ Keys. A high-res key is `RoPE(hr_k_proj(f))`, with the token's interpolated rota
 
 Dense rather than gathered at inference: the paper's threshold selection has no static count to gather, and even
 a static budget would gather, rotate and project its tokens in every layer at every step (more operators per step,
-and at batch 8 about 3.6 TFLOPs per step for LLaVA-1.5-7B at a 10% budget) where the dense step only masks.
+and at batch 8 about 3.2 TFLOPs per step for LLaVA-1.5-7B at a 10% budget) where the dense step only masks.
 
 Values are never projected token by token when it is cheaper not to. `hr_v_proj` is affine, so a row's attention
 output over high-res tokens, `sum_t p_t hr_v_proj(f_t)`, equals `hr_v_proj(sum_t p_t f_t) + (sum_t p_t - 1) b`:

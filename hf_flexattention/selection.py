@@ -136,15 +136,39 @@ def topk_cells(pooled: torch.Tensor, cell_inside: torch.Tensor, budget: int, emp
     return empty.scatter(-1, top, True) & cell_inside
 
 
-def random_cells(
-    shape: tuple[int, ...], selection_grid: int, p: float, generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
-    """`(*shape, s * s)` bool: each coarse cell with probability `p` (the paper's random-selection ablation).
+_UINT32 = 0xFFFFFFFF
 
-    Drawn on the CPU from `generator`, so a seed gives the same selection on every device.
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """`x * constant mod 2**32` for `x` in [0, 2**32) held in int64, without overflowing it (two 16-bit halves)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _UINT32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (the "lowbias32" finaliser) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_cells(positions: torch.Tensor, layer: int, selection_grid: int, p: float, seed: int) -> torch.Tensor:
+    """`(*positions.shape, s * s)` bool: each coarse cell with probability `p` (the paper's random-selection ablation).
+
+    The draw is a counter-based hash of (seed, layer, the row's sequence position, cell), in exact integer
+    arithmetic: a row draws the same cells with or without a KV cache, compiled or not, on any device, and no
+    generator state is kept.
+
+    Args:
+        positions: `(...)` long: each row's position in its sequence.
+        layer: the layer the selection is for.
     """
-    draw = torch.rand(*shape, selection_grid * selection_grid, generator=generator, device="cpu") < p
-    return draw.to(device)
+    cells = torch.arange(selection_grid * selection_grid, device=positions.device)
+    key = _hash32(torch.full_like(cells, (seed * 0x9E3779B1 + layer * 0x85EBCA77) & _UINT32))
+    x = _hash32((key + _hash32(positions[..., None] & _UINT32) + cells * 0x27D4EB2F) & _UINT32)
+    return x < round(p * 2**32)
 
 
 def token_cells(selection_grid: int, high_res_grid: int, device: torch.device | None = None) -> torch.Tensor:
@@ -187,7 +211,7 @@ def select_high_res_tokens(
     topk_ratio: float = 0.1,
     random_p: float = 0.1,
     original_sizes: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    random_seed: int = 0,
 ) -> torch.Tensor:
     """Select high-res tokens for each query row from its attention over the low-res image tokens.
 
@@ -200,7 +224,7 @@ def select_high_res_tokens(
             `"topk"` (a budget: the `budget_cells(topk_ratio, s)` strongest coarse cells) or `"random"` (each
             coarse cell with probability `random_p`; the attention values are ignored).
         original_sizes: `(n, 2)` (height, width) before padding, to ignore the padding margin; None skips it.
-        generator: random generator for `"random"`.
+        random_seed: seed of `"random"` (row `i` draws as a row at sequence position `i`, `random_cells`).
 
     Returns:
         `(n, G*G)` bool mask over the high-res tokens, row-major. A constant map selects nothing.
@@ -214,7 +238,8 @@ def select_high_res_tokens(
         raise ValueError(f"The low-res attention map has {cells} cells, which is not a square grid.")
     to_tokens = token_cells(selection_grid, high_res_grid, attention.device)
     if mode == "random":
-        return random_cells((n,), selection_grid, random_p, generator, attention.device)[:, to_tokens]
+        positions = torch.arange(n, device=attention.device)
+        return random_cells(positions, 0, selection_grid, random_p, random_seed)[:, to_tokens]
 
     low_res_map = attention.detach().float()
     inside = torch.ones_like(low_res_map, dtype=torch.bool)

@@ -36,20 +36,56 @@ def pack_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return indices, torch.arange(width, device=mask.device) < counts[:, None]
 
 
-def _reset_dropping_flex_state(cache, *args, **kwargs):
+def _reset(cache, *args, **kwargs):
     setattr(cache, CACHE_ATTRIBUTE, None)
     return type(cache).reset(cache, *args, **kwargs)
 
 
-def attach_state(cache, state: "FlexState | None") -> None:
-    """Put `state` on `cache`, and make `cache.reset()` drop it.
+def _reorder_cache(cache, beam_idx: torch.Tensor) -> None:
+    type(cache).reorder_cache(cache, beam_idx)
+    _select_sequences(cache, beam_idx)
 
-    `generate` resets and reuses a static cache across calls; a later prompt must never see an earlier image, and
-    telling a reset cache from a decoding one by its length would read a tensor on the host at every step.
+
+def _batch_select_indices(cache, indices: torch.Tensor) -> None:
+    type(cache).batch_select_indices(cache, indices)
+    _select_sequences(cache, indices)
+
+
+def _batch_repeat_interleave(cache, repeats: int) -> None:
+    state = getattr(cache, CACHE_ATTRIBUTE, None)
+    type(cache).batch_repeat_interleave(cache, repeats)
+    if state is not None:
+        sequences = torch.arange(state.row_image.shape[0], device=state.row_image.device)
+        state.select_sequences(sequences.repeat_interleave(repeats))
+
+
+def _select_sequences(cache, index: torch.Tensor) -> None:
+    state = getattr(cache, CACHE_ATTRIBUTE, None)
+    if state is not None:
+        state.select_sequences(index)
+
+
+_FOLLOWED_METHODS = {
+    "reset": _reset,
+    "reorder_cache": _reorder_cache,
+    "batch_select_indices": _batch_select_indices,
+    "batch_repeat_interleave": _batch_repeat_interleave,
+}
+
+
+def attach_state(cache, state: "FlexState | None") -> None:
+    """Put `state` on `cache`, and make it follow the cache's batch operations.
+
+    `reorder_cache` (beam search), `batch_select_indices` and `batch_repeat_interleave` select the state's
+    sequences as they select the cache's; `reset` drops the state (`generate` resets and reuses static caches, and
+    a later prompt must never see an earlier image; telling a reset cache from a decoding one by its length would
+    read a tensor on the host at every step). The methods are bound to this cache object, so a deep copy of the
+    cache binds them to the copy.
     """
     setattr(cache, CACHE_ATTRIBUTE, state)
-    if "reset" not in vars(cache):  # bound to this object, so a deep copy of the cache binds to the copy
-        cache.reset = types.MethodType(_reset_dropping_flex_state, cache)
+    for name, method in _FOLLOWED_METHODS.items():
+        if name not in vars(cache) and hasattr(cache, name):
+            setattr(cache, name, types.MethodType(method, cache))
 
 
 @dataclass
@@ -73,7 +109,6 @@ class FlexState:
             batch as they are (no gather per layer).
         pooling_windows: `(s * s, w)` low-res cells of each coarse cell's pooling window (`selection.pooling_windows`).
         token_cell: `(M,)` coarse cell of each high-res token (`selection.token_cells`).
-        generator: random generator of the `"random"` selection mode.
         high_res_keys: per FlexAttention layer, the rotated high-res keys of every token, `(n_images, kv_heads,
             head_dim, M)` (inference with a dense selection; filled at prefill).
     """
@@ -88,19 +123,18 @@ class FlexState:
     rows_are_images: bool
     pooling_windows: torch.Tensor
     token_cell: torch.Tensor
-    generator: torch.Generator | None = None
     high_res_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def per_sequence(self, per_image: torch.Tensor) -> torch.Tensor:
         """`(n_images, ...)` -> `(batch, ...)`: as it is when `rows_are_images`, else one gather."""
         return per_image if self.rows_are_images else per_image[self.row_image]
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Follow the cache when beam search reorders (or expands) the batch."""
-        beam_idx = beam_idx.to(self.row_image.device)
-        for name in ("row_image", "image_positions", "inside", "cell_inside"):
-            setattr(self, name, getattr(self, name)[beam_idx])
-        # Whether the new order is still the identity cannot be known without reading `beam_idx` on the host;
+    def select_sequences(self, index: torch.Tensor) -> None:
+        """Keep sequences `index` `(new_batch,)` (beam reordering, batch selection or repetition of the cache)."""
+        index = index.to(self.row_image.device)
+        for name in ("row_image", "image_positions", "inside", "cell_inside", "empty_cells"):
+            setattr(self, name, getattr(self, name)[index])
+        # Whether the new order is still the identity cannot be known without reading `index` on the host;
         # gathering per layer is always right.
         self.rows_are_images = False
 
@@ -113,13 +147,17 @@ class FlexCall:
     sequence `b` when `row_valid[b, r]`. `row_index` is None when the rows are the call's queries themselves (a
     one-token decode step): then no row is gathered or scattered, and shapes do not depend on the data;
     `row_valid` is then None when every query is a high-res row. `query_offset` is the number of tokens cached
-    before this call (a tensor for static caches): query `i` sits at position `query_offset + i`.
+    before this call (a tensor for static caches): query `i` sits at position `query_offset + i`. `inside`
+    `(batch, 1, rows | 1, N)` and `cell_inside` are the state's, zero for rows that are not valid, so such rows
+    select nothing.
     """
 
     state: FlexState
     row_index: torch.Tensor | None
     row_valid: torch.Tensor | None
     query_offset: int | torch.Tensor
+    inside: torch.Tensor
+    cell_inside: torch.Tensor
     alpha: float
     first_flex_layer: int
     num_layers: int
@@ -127,9 +165,17 @@ class FlexCall:
     threshold: float
     budget: int
     random_p: float
+    seed: int
     selection_grid: int
     selections: dict[int, torch.Tensor] = field(default_factory=dict)
     trace: list | None = None
+
+    def row_positions(self) -> torch.Tensor:
+        """`(batch | 1, rows)` the sequence position of each high-res row."""
+        device = self.inside.device
+        if self.row_index is None:
+            return torch.as_tensor(self.query_offset, device=device).view(1, 1)
+        return self.row_index + self.query_offset
 
     @property
     def rows(self) -> int:

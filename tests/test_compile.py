@@ -7,7 +7,7 @@ from transformers import CompileConfig, StaticCache
 from .test_generate import NEW_TOKENS, flex_model, greedy
 
 
-@pytest.mark.parametrize("selection", ["threshold", "topk"])
+@pytest.mark.parametrize("selection", ["threshold", "topk", "random"])
 def test_a_static_cache_gives_the_dynamic_cache_tokens(batch_inputs, selection):
     """Left padding, two image sizes and a text-only prompt in one batch. The static cache's keys are longer than the
     prompt at prefill (an empty tail that sdpa's upper-left causal mask skips): the high-res rows must skip it too."""
@@ -19,7 +19,7 @@ def test_a_static_cache_gives_the_dynamic_cache_tokens(batch_inputs, selection):
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("selection", ["threshold", "topk"])
+@pytest.mark.parametrize("selection", ["threshold", "topk", "random"])
 def test_a_decode_step_compiles_as_one_graph(single_inputs, selection):
     model = flex_model(selection=selection)
     length = single_inputs["input_ids"].shape[1]

@@ -6,6 +6,8 @@ import torch
 from hf_flexattention import patch_model
 from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_llava
 
+from .conftest import PROMPTS, make_image
+
 
 BACKBONES = ["llama", "mistral", "qwen2"]
 NEW_TOKENS = 6
@@ -256,3 +258,69 @@ def test_the_high_res_state_is_one_key_set_per_image_and_layer_and_never_grows(s
     for name in ("features", "rotary"):
         assert getattr(short, name).shape == getattr(long, name).shape
     assert {k: v.shape for k, v in short.high_res_keys.items()} == {k: v.shape for k, v in long.high_res_keys.items()}
+
+
+@pytest.mark.parametrize("selection", ["threshold", "random"])
+def test_a_later_answer_start_is_honoured_with_and_without_cache(single_inputs, selection):
+    """Rows that predict tokens before `flex_answer_start` are plain, in one-token decode steps too; the random
+    selection draws by position, so it also gives the same result with and without a cache."""
+    model = flex_model(selection=selection, random_p=0.3)
+    start = single_inputs["input_ids"].shape[1] + 3
+    cached = greedy(model, single_inputs, flex_answer_start=start)
+    uncached = greedy(model, single_inputs, flex_answer_start=start, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(
+        torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=LOGITS_ATOL, rtol=0
+    )
+    low_res = {k: v for k, v in single_inputs.items() if k not in ("high_res_pixel_values", "original_image_sizes")}
+    plain = greedy(model, low_res)
+    # Steps 0-2 predict tokens before the answer start: the stock rows. Step 3 on sees high-res tokens.
+    torch.testing.assert_close(torch.stack(cached.logits[:3]), torch.stack(plain.logits[:3]), atol=1e-5, rtol=0)
+    assert not torch.allclose(cached.logits[3], plain.logits[3], atol=1e-3)
+
+
+def test_a_language_model_in_another_dtype_than_the_vision_tower(single_inputs):
+    """A bf16 language model next to an fp32 vision tower, as stock Llava allows: the state takes the LM's dtype."""
+    model = flex_model()
+    model.model.language_model.to(torch.bfloat16)
+    model.lm_head.to(torch.bfloat16)
+    out = greedy(model, single_inputs)
+    assert out.past_key_values.flex_state.features.dtype == torch.bfloat16
+    assert torch.isfinite(torch.stack(out.logits)).all()
+
+
+def test_the_state_follows_the_caches_batch_operations(processor):
+    """`batch_repeat_interleave` and `batch_select_indices` on the cache select the high-res state's sequences."""
+    from transformers import DynamicCache
+
+    model = flex_model()
+    images = [make_image(1), make_image(2, width=40, height=64)]
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    tokens = torch.tensor([[7], [9]])
+
+    def decode(cache, batch, step_tokens):
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(step_tokens)], dim=1)
+        with torch.no_grad():
+            return model(input_ids=step_tokens, attention_mask=mask, cache=cache).logits[:, -1]
+
+    def prefill(batch):
+        cache = DynamicCache(config=model.config.text_config)
+        with torch.no_grad():
+            model(**batch, cache=cache)
+        return cache
+
+    alone = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(2)]
+    want = [decode(prefill(alone[i]), alone[i], tokens[i : i + 1]) for i in range(2)]
+
+    cache = prefill(alone[0])
+    cache.batch_repeat_interleave(2)
+    repeated = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in alone[0].items()}
+    got = decode(cache, repeated, tokens)
+    torch.testing.assert_close(got[0], want[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], decode(prefill(alone[0]), alone[0], tokens[1:])[0], atol=1e-5, rtol=0)
+
+    cache = prefill(inputs)
+    cache.batch_select_indices(torch.tensor([1]))
+    selected = {"attention_mask": inputs["attention_mask"][1:]}
+    torch.testing.assert_close(decode(cache, selected, tokens[1:])[0], want[1][0], atol=1e-5, rtol=0)

@@ -154,7 +154,16 @@ def test_set_attn_implementation_keeps_flex_attention(single_inputs):
         ({"n_fa": 2, "selection": "topk", "topk_ratio": 0.05}, ValueError, r"keeps no cell.*\[0\.05556, 1\]"),
         ({"n_fa": 2, "selection": "topk", "topk_ratio": 1.5}, ValueError, r"\[0\.05556, 1\]"),
         ({"n_fa": 2, "random_p": 1.5}, ValueError, "random_p"),
+        ({"n_fa": 2, "random_p": "0.5"}, TypeError, r"`random_p` must be a float in \[0, 1\], got str"),
+        ({"n_fa": 2, "random_seed": 1.5}, TypeError, "`random_seed` must be an int, got float"),
         ({"n_fa": 2, "warmup": -1}, ValueError, "warmup"),
+        ({"n_fa": 2, "warmup": None}, TypeError, "`warmup` must be a number >= 0, got NoneType"),
+        ({"n_fa": 2, "warmup": float("nan")}, ValueError, "must be >= 0"),
+        (
+            {"n_fa": 2, "threshold": 1.5},
+            ValueError,
+            r"must lie in \[0, 1\) \(normalised attention is compared to it\)\.$",
+        ),
     ],
 )
 def test_bad_settings_raise_with_the_fix(kwargs, error, match):

@@ -11,6 +11,7 @@ from hf_flexattention.selection import (
     padding_margin_cells,
     pool_cells,
     pooling_windows,
+    random_cells,
     select_high_res_tokens,
     token_cells,
 )
@@ -166,7 +167,7 @@ def test_random_selection_is_seeded_and_respects_p():
             selection_grid=8,
             mode="random",
             random_p=0.3,
-            generator=torch.Generator().manual_seed(7),
+            random_seed=7,
         )
         for _ in range(2)
     ]
@@ -180,3 +181,17 @@ def test_random_selection_is_seeded_and_respects_p():
 def test_non_square_map_is_rejected():
     with pytest.raises(ValueError, match="square"):
         select_high_res_tokens(torch.rand(1, 10), high_res_grid=6, selection_grid=2)
+
+
+def test_random_cells_are_uniform_and_independent_of_position_seed_and_layer():
+    """The counter-based draw: every cell near p over positions; other seeds, layers and positions draw anew."""
+    positions = torch.arange(4000)
+    draws = random_cells(positions, layer=3, selection_grid=8, p=0.3, seed=0).float()
+    per_cell = draws.mean(dim=0)  # binomial std over 4000 draws: 0.0072; 6 sigma is 0.043
+    assert (per_cell - 0.3).abs().max() < 0.043, per_cell
+    neighbours = (draws[1:] * draws[:-1]).mean()  # independent positions: 0.09
+    assert abs(neighbours.item() - 0.09) < 0.01
+    for other in (random_cells(positions, 3, 8, 0.3, seed=1), random_cells(positions, 4, 8, 0.3, seed=0)):
+        agreement = (other.float() == draws).float().mean().item()
+        assert abs(agreement - (0.3**2 + 0.7**2)) < 0.01  # as two independent draws agree
+    assert random_cells(positions, 3, 8, 1.0, 0).all() and not random_cells(positions, 3, 8, 0.0, 0).any()

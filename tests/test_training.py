@@ -410,3 +410,29 @@ def test_unused_high_res_projections_still_get_a_gradient(processor):
         for projection in (layer.self_attn.hr_k_proj, layer.self_attn.hr_v_proj):
             assert projection.weight.grad is not None
             assert not projection.weight.grad.any()
+
+
+def test_each_layer_projects_the_union_of_the_answer_rows_only(processor):
+    """Padding slots of the packed rows are not answer rows: in a batch, a sequence with one supervised token
+    projects what it projects alone, not the selections of its padding slots (README, "How it stays cheap")."""
+    from tests.conftest import make_image
+
+    model = patch_model(build_tiny_llava(), n_fa=2)
+    projected = []
+    for layer in model.model.language_model.layers[2:]:
+        layer.self_attn.hr_k_proj.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[1]))
+    prompts = ["USER: <image>\nwhat is in the image ? ASSISTANT: a", "USER: <image>\nwhat color ? ASSISTANT: red"]
+    inputs = processor(images=[make_image(1), make_image(2)], text=prompts, padding=True, return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -1:] = inputs["input_ids"][0, -1:]  # one supervised token
+    labels[1, -12:] = inputs["input_ids"][1, -12:]  # twelve
+
+    def union_widths(batch, batch_labels):
+        projected.clear()
+        model(**batch, labels=batch_labels).loss.backward()
+        return list(projected)
+
+    alone = [union_widths({k: v[i : i + 1] for k, v in inputs.items()}, labels[i : i + 1]) for i in range(2)]
+    together = union_widths(inputs, labels)
+    assert alone[0] != alone[1]  # the two sequences' unions differ, so the check below means something
+    assert together == [max(a, b) for a, b in zip(alone[0], alone[1], strict=True)]
