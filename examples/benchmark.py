@@ -36,7 +36,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoProcessor,
     CompileConfig,
     LlavaForConditionalGeneration,
     LogitsProcessor,
@@ -49,7 +48,7 @@ from hf_flexattention import is_patched, patch_model, unpatch_model  # noqa: E40
 from hf_flexattention.counting import decode_step_counts  # noqa: E402
 from hf_flexattention.demo import DTYPES, TINY_PROMPT, build_prompt, make_test_image  # noqa: E402
 from hf_flexattention.high_res import encode_high_res_features  # noqa: E402
-from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
+from hf_flexattention.loading import apply_settings, flex_settings, load_flex_model, load_flex_processor  # noqa: E402
 from hf_flexattention.shapes import SHAPES, shaped_llava_config  # noqa: E402
 from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa: E402
 
@@ -74,7 +73,11 @@ TINY_SHAPES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see `--help`); every bad value stops here, before any model is built."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a Llava checkpoint (Hub id or folder) instead of a shape built in code")
+    parser.add_argument(
+        "--model",
+        help="a Llava checkpoint (Hub id or folder) instead of a shape built in code: a FlexAttention checkpoint "
+        "keeps its trained hr projections and settings (flags override them, with a warning), a stock one is patched",
+    )
     parser.add_argument(
         "--shape", choices=[*TINY_SHAPES, *SHAPES], default="tiny", help="model built in code (default: tiny)"
     )
@@ -82,20 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", help="--model: question, or a full prompt holding <image>")
     parser.add_argument("--text-tokens", type=int, default=40, help="7B/13B shapes: non-image prompt tokens")
     parser.add_argument("--n-fa", type=int, help="FlexAttention layers (default: the released 23-of-32 share)")
-    parser.add_argument("--selection", choices=("threshold", "topk"), default="threshold")
-    parser.add_argument("--threshold", type=float, default=48 / 255, help="threshold selection, in [0, 1)")
-    parser.add_argument("--topk-ratio", type=float, default=0.1, help="budget: fraction of high-res tokens kept")
+    parser.add_argument("--selection", choices=("threshold", "topk"), help="default: threshold (the paper)")
+    parser.add_argument("--threshold", type=float, help="threshold selection, in [0, 1) (default: 48/255)")
+    parser.add_argument("--topk-ratio", type=float, help="budget: fraction of high-res tokens kept (default: 0.1)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one table row set per batch size")
     parser.add_argument("--compile", action="store_true", help="static cache and compiled decoding on both sides")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, else float32")
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="discarded rounds before measuring")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per round (>= 4)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.new_tokens < 4 or args.repeats < 1 or args.warmup < 0 or args.text_tokens < 1:
-        parser.error("need --new-tokens >= 4, --repeats >= 1, --warmup >= 0 and --text-tokens >= 1")
+    if args.new_tokens < 4 or args.repeats < 1 or args.warmup_rounds < 0 or args.text_tokens < 1:
+        parser.error("need --new-tokens >= 4, --repeats >= 1, --warmup-rounds >= 0 and --text-tokens >= 1")
     if min(args.batch_size) < 1:
         parser.error(f"--batch-size must be >= 1, got {min(args.batch_size)}")
     if args.model is not None and (args.image is None) != (args.prompt is None):
@@ -153,9 +156,11 @@ class Setup:
 def load(args: argparse.Namespace, dtype: torch.dtype) -> Setup:
     """The stock model and a function that builds the inputs of a batch."""
     device = args.device
+    settings = {"n_fa": args.n_fa, "selection": args.selection, "threshold": args.threshold}
+    settings["topk_ratio"] = args.topk_ratio
     if args.model is not None:
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device_map=device)
-        processor = FlexLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained(args.model))
+        model = load_flex_model(args.model, settings, dtype=dtype, device_map=device)
+        processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
         prompt = build_prompt(processor, args.prompt or REAL_PROMPT)
         image = None
         if args.image is not None:
@@ -170,7 +175,7 @@ def load(args: argparse.Namespace, dtype: torch.dtype) -> Setup:
 
     if args.shape in TINY_SHAPES:
         shape = TINY_SHAPES[args.shape]
-        model = build_tiny_llava(dtype=dtype, **shape).to(device)
+        model = apply_settings(build_tiny_llava(dtype=dtype, **shape).to(device), settings)
         size = shape.get("image_size", 32), shape.get("patch_size", 4)
         processor = build_tiny_processor(image_size=size[0], patch_size=size[1])
         text = model.config.text_config
@@ -187,7 +192,7 @@ def load(args: argparse.Namespace, dtype: torch.dtype) -> Setup:
 
     config = shaped_llava_config(args.shape)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = apply_settings(LlavaForConditionalGeneration._from_config(config, dtype=dtype), settings)
     pixels_of = build_tiny_processor(image_size=336, patch_size=14)  # LLaVA-1.5's image preprocessing geometry
     generator = torch.Generator().manual_seed(0)
 
@@ -278,12 +283,16 @@ class StepClock(LogitsProcessor):
 
 
 class Runner:
-    """One model switched between stock and patched, each with its own compiled decoding when `--compile`."""
+    """One patched model switched between stock and patched, each with its own compiled decoding when `--compile`.
 
-    def __init__(self, model: LlavaForConditionalGeneration, args: argparse.Namespace):
+    While the model runs stock, its (possibly trained) hr projections wait on the CPU, and come back when it is
+    patched again with its own settings.
+    """
+
+    def __init__(self, model, args: argparse.Namespace):
         self.model, self.args = model, args
-        layers = model.config.text_config.num_hidden_layers
-        self.n_fa = args.n_fa if args.n_fa is not None else min(layers - 1, max(1, round(layers * 23 / 32)))
+        self.settings = flex_settings(model)
+        self.high_res: dict[str, torch.Tensor] = {}
         self.compiled_calls: dict[bool, object] = {}
         self.generate_kwargs = {"do_sample": False}
         if args.compile:
@@ -299,9 +308,11 @@ class Runner:
             self.compiled_calls[not patched] = model._compiled_call
             del model._compiled_call
         if patched:
-            settings = {"threshold": self.args.threshold, "topk_ratio": self.args.topk_ratio}
-            patch_model(model, n_fa=self.n_fa, selection=self.args.selection, **settings)
+            patch_model(model, **self.settings)
+            unexpected = model.load_state_dict(self.high_res, strict=False).unexpected_keys
+            assert not unexpected, unexpected
         else:
+            self.high_res = {name: value.cpu() for name, value in model.state_dict().items() if ".hr_" in name}
             unpatch_model(model)
         if patched in self.compiled_calls:
             model._compiled_call = self.compiled_calls[patched]
@@ -321,7 +332,7 @@ def measure(runner: Runner, inputs: dict, args: argparse.Namespace) -> dict[str,
     results = {key: {"prefill": [], "decode": [], "memory": []} for key in VARIANTS}
     with torch.inference_mode():
         full_inputs = full_high_res_inputs(model, inputs, high_res_tokens)  # to read its prompt length
-        for round_index in range(args.warmup + args.repeats):
+        for round_index in range(args.warmup_rounds + args.repeats):
             for key in VARIANTS:
                 runner.use(key == "b")
                 clock = StepClock(device)
@@ -334,7 +345,7 @@ def measure(runner: Runner, inputs: dict, args: argparse.Namespace) -> dict[str,
                     model, inputs, high_res_tokens
                 )
                 output = runner.generate(variant_inputs, args.new_tokens, clock)
-                if round_index < args.warmup:
+                if round_index < args.warmup_rounds:
                     continue
                 results[key]["prefill"].append((clock.times[0] - start) * 1e3)
                 # The median step is robust to the odd stall of a shared machine; the mean would not be.
@@ -392,10 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     all_results = {batch: measure(runner, setup.make_inputs(batch), args) for batch in args.batch_size}
 
     config = setup.model.config
-    grid = config.vision_config.image_size // config.vision_config.patch_size
-    zoom = 3
+    grid = config.low_res_grid
+    zoom = config.flex_zoom
     selection = (
-        f"threshold {args.threshold:.4f}" if args.selection == "threshold" else f"budget topk_ratio={args.topk_ratio}"
+        f"threshold {config.flex_threshold:.4f}"
+        if config.flex_selection == "threshold"
+        else f"{config.flex_selection} (topk_ratio={config.flex_topk_ratio}, random_p={config.flex_random_p})"
     )
     print(f"hardware:  {hardware(args.device)}")
     print(
@@ -404,14 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"model:     {setup.description}, {str(dtype).split('.')[-1]} on {args.device}")
     print(
-        f"flex:      n_fa={runner.n_fa} of {config.text_config.num_hidden_layers} layers, {selection}; "
+        f"flex:      n_fa={config.flex_n_fa} of {config.text_config.num_hidden_layers} layers, {selection}; "
         f"{grid * grid} low-res and {(zoom * grid) ** 2} high-res image tokens per image"
     )
     decoding = "static cache, compiled decoding (torch.compile, fullgraph)" if args.compile else "dynamic KV cache"
     print(
         f"method:    greedy generate, {decoding}, {args.new_tokens} new tokens; prefill = time to the first token's "
-        f"scores, decode = median step; medians of {args.repeats} rounds after {args.warmup} discarded, variants "
-        "interleaved; syncs and operators counted for one decode step"
+        f"scores, decode = median step; medians of {args.repeats} rounds after {args.warmup_rounds} discarded, "
+        "variants interleaved; syncs and operators counted for one decode step"
     )
     for batch, results in all_results.items():
         share, low, high = results["b"]["selected"]

@@ -56,21 +56,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    HfArgumentParser,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
-from hf_flexattention import FlexLlavaForConditionalGeneration, is_patched, patch_model  # noqa: E402
+from hf_flexattention import FlexLlavaForConditionalGeneration  # noqa: E402
 from hf_flexattention.data import (  # noqa: E402
     LlavaConversationCollator,
     LlavaConversationDataset,
     write_colour_dataset,
 )
+from hf_flexattention.loading import apply_settings, load_flex_model, load_flex_processor  # noqa: E402
 from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
 from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa: E402
 from hf_flexattention.training import FlexAttentionWarmupCallback, lora_target_modules  # noqa: E402
@@ -93,11 +87,18 @@ class ScriptArguments:
         default=None, metadata={"help": "Folder the JSON's image paths are relative to (default: the JSON's)."}
     )
     n_fa: int | None = field(
-        default=None, metadata={"help": "FlexAttention layers at the top (default: the release's 23 of 32 ratio)."}
+        default=None,
+        metadata={"help": "FlexAttention layers at the top (default: a FlexAttention --model's own, else 23 of 32)."},
     )
-    threshold: float = field(default=48 / 255, metadata={"help": "Selection threshold in [0, 1)."})
-    zoom: int = field(default=3, metadata={"help": "High-res side over the vision tower's input side."})
-    warmup: float = field(default=10.0, metadata={"help": "Warm-up rate: alpha = min(1, epoch * warmup)."})
+    threshold: float | None = field(
+        default=None, metadata={"help": "Selection threshold in [0, 1) (default: the --model's own, else 48/255)."}
+    )
+    zoom: int | None = field(
+        default=None, metadata={"help": "High-res side over the vision tower's input side (default: own, else 3)."}
+    )
+    warmup: float | None = field(
+        default=None, metadata={"help": "Warm-up rate: alpha = min(1, epoch * warmup) (default: own, else 10)."}
+    )
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (no LoRA); the vision tower stays frozen."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -149,37 +150,28 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def default_n_fa(num_layers: int) -> int:
-    """The released model's ratio (23 FlexAttention layers of 32), at least 1 and at most L - 1."""
-    return min(num_layers - 1, max(1, round(num_layers * 23 / 32)))
-
-
 def load_base(script_args: ScriptArguments) -> FlexLlavaForConditionalGeneration:
-    """The patched base model (frozen LoRA base, or the model to fine-tune in full)."""
+    """The patched base model (frozen LoRA base, or the model to fine-tune in full).
+
+    A FlexAttention `--model` keeps its trained hr projections and its settings; a flag given on purpose overrides
+    its setting (with a logged warning). A stock `--model`, or the tiny model, is patched with the flags.
+    """
+    settings = {
+        "n_fa": script_args.n_fa,
+        "threshold": script_args.threshold,
+        "zoom": script_args.zoom,
+        "warmup": script_args.warmup,
+    }
     if script_args.model is None:
-        model = build_tiny_llava(seed=TINY_SEED)
-    else:
-        dtype = resolve_dtype(script_args.dtype)
-        config = AutoConfig.from_pretrained(script_args.model)
-        model_class = (
-            FlexLlavaForConditionalGeneration if config.model_type == "flex_llava" else LlavaForConditionalGeneration
-        )
-        model = model_class.from_pretrained(script_args.model, dtype=dtype)
-    num_layers = model.config.text_config.num_hidden_layers
-    n_fa = script_args.n_fa if script_args.n_fa is not None else default_n_fa(num_layers)
-    if is_patched(model) and script_args.n_fa is None:
-        return model  # a FlexAttention checkpoint keeps its own settings
-    return patch_model(
-        model, n_fa=n_fa, threshold=script_args.threshold, zoom=script_args.zoom, warmup=script_args.warmup
-    )
+        return apply_settings(build_tiny_llava(seed=TINY_SEED), settings)
+    return load_flex_model(script_args.model, settings, dtype=resolve_dtype(script_args.dtype))
 
 
-def load_processor(script_args: ScriptArguments) -> FlexLlavaProcessor:
+def load_processor(script_args: ScriptArguments, zoom: int) -> FlexLlavaProcessor:
+    """The processor for a model of `zoom` (`config.flex_zoom`)."""
     if script_args.model is None:
-        return build_tiny_processor(zoom=script_args.zoom)
-    return FlexLlavaProcessor.from_llava_processor(
-        LlavaProcessor.from_pretrained(script_args.model), zoom=script_args.zoom
-    )
+        return build_tiny_processor(zoom=zoom)
+    return load_flex_processor(script_args.model, zoom=zoom)
 
 
 def add_lora(model: FlexLlavaForConditionalGeneration, script_args: ScriptArguments) -> PeftModel:
@@ -203,7 +195,8 @@ def add_lora(model: FlexLlavaForConditionalGeneration, script_args: ScriptArgume
 def build_trainer(
     script_args: ScriptArguments, training_args: TrainingArguments, data_folder: str
 ) -> tuple[Trainer, LlavaConversationCollator, LlavaConversationDataset]:
-    processor = load_processor(script_args)
+    model = load_base(script_args)
+    processor = load_processor(script_args, zoom=model.config.flex_zoom)
     if script_args.data is None:
         data_path = write_colour_dataset(data_folder, num_samples=script_args.tiny_samples, seed=TINY_SEED)
     else:
@@ -212,7 +205,6 @@ def build_trainer(
     collator = LlavaConversationCollator(
         processor, max_length=script_args.max_length, padding_side=script_args.padding_side
     )
-    model = load_base(script_args)
     if script_args.full:
         model.model.vision_tower.requires_grad_(False)
     else:

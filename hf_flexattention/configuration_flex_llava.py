@@ -22,6 +22,12 @@ RELEASED_SELECTION_GRID_RATIO = 9 / 24
 RELEASED_PLAIN_LAYERS = 9
 
 
+def released_n_fa(num_layers: int) -> int:
+    """The released model's share of FlexAttention layers (23 of 32), for a language model of `num_layers` layers:
+    at least 1 and at most `num_layers - 1`."""
+    return min(num_layers - 1, max(1, round(num_layers * 23 / 32)))
+
+
 def default_selection_grid(low_res_grid: int) -> int:
     """The selection grid the released model uses (9 for a 24x24 low-res grid), scaled to `low_res_grid`."""
     return max(1, round(low_res_grid * RELEASED_SELECTION_GRID_RATIO))

@@ -13,14 +13,14 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from .patching import patch_model
+from .loading import apply_settings, load_flex_model, load_flex_processor
 from .processing_flex_llava import FlexLlavaProcessor
 
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TINY_PROMPT = "USER: <image>\nwhat color is the text on the sign ? ASSISTANT:"
-# The released LLaVA-1.5-7B FlexAttention setting, and a tiny-model one (the tiny language model has 4 layers).
-DEFAULT_N_FA = {"model": 23, "tiny": 2}
+# The tiny language model has 4 layers: two FlexAttention layers, and one below them to select for the first.
+TINY_N_FA = 2
 DEFAULT_MAX_NEW_TOKENS = {"model": 32, "tiny": 8}
 
 
@@ -42,11 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate an answer with a FlexAttention-patched Llava model and report the high-res tokens "
         "each FlexAttention layer selected. Without --model: a tiny random model on a drawn image.",
     )
-    parser.add_argument("--model", help="Llava checkpoint (Hub id or local folder); needs --image and --prompt")
+    parser.add_argument(
+        "--model",
+        help="Llava checkpoint (Hub id or local folder): a FlexAttention checkpoint keeps its trained hr projections "
+        "and settings, a stock one is patched; needs --image and --prompt",
+    )
     parser.add_argument("--image", help="image file to ask about (default: a drawn test image)")
     parser.add_argument("--prompt", help="question, or a full prompt holding <image> (default: a tiny-vocab question)")
-    parser.add_argument("--n-fa", type=int, help="FlexAttention layers at the top (default: 23; tiny model: 2)")
-    parser.add_argument("--threshold", type=float, default=48 / 255, help="selection threshold in [0, 1)")
+    parser.add_argument(
+        "--n-fa",
+        type=int,
+        help="FlexAttention layers at the top (default: a FlexAttention checkpoint's own; else 23 of 32, tiny: 2)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="selection threshold in [0, 1) (default: a FlexAttention checkpoint's own; else 48/255)",
+    )
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: 32; tiny model: 8)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: float16 on CUDA, else float32)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -79,19 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and (args.image is None or args.prompt is None):
         parser.error("--model needs --image FILE and --prompt TEXT")
     mode = "model" if args.model is not None else "tiny"
-    n_fa = args.n_fa if args.n_fa is not None else DEFAULT_N_FA[mode]
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[mode]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     image = load_image(args.image, parser) if args.image is not None else make_test_image()
 
+    settings = {"n_fa": args.n_fa, "threshold": args.threshold}
     if mode == "model":
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
         try:
             # Loading straight onto the device avoids a full CPU copy of a multi-GB checkpoint.
-            model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device_map=device)
-            processor = FlexLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained(args.model))
+            model = load_flex_model(args.model, settings, dtype=dtype, device_map=device)
+            processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
         except (OSError, TypeError, ValueError) as error:
             parser.error(f"cannot load --model {args.model!r}: {error}")
     else:
@@ -99,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
         model = build_tiny_llava(dtype=dtype).to(device)
         processor = build_tiny_processor()
-    try:
-        patch_model(model, n_fa=n_fa, threshold=args.threshold)
-    except (TypeError, ValueError) as error:
-        parser.error(str(error))
+        try:
+            apply_settings(model, {"n_fa": TINY_N_FA, **{k: v for k, v in settings.items() if v is not None}})
+        except (TypeError, ValueError) as error:
+            parser.error(str(error))
 
     prompt = build_prompt(processor, args.prompt) if args.prompt is not None else TINY_PROMPT
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(device, dtype=dtype)
@@ -113,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image:      {args.image or 'drawn test image'} ({image.width}x{image.height})")
     print(f"prompt:     {prompt!r}")
     print(
-        f"settings:   n_fa={n_fa} of {num_layers} layers, threshold={args.threshold:.4f}, zoom={config.flex_zoom}, "
-        f"{config.low_res_grid**2} low-res tokens in the prompt, {high_res_tokens} high-res tokens outside it"
+        f"settings:   n_fa={config.flex_n_fa} of {num_layers} layers, {config.flex_selection} selection (threshold "
+        f"{config.flex_threshold:.4f}), zoom={config.flex_zoom}, {config.low_res_grid**2} low-res tokens in the "
+        f"prompt, {high_res_tokens} high-res tokens outside it"
     )
 
     with torch.no_grad():

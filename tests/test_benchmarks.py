@@ -53,7 +53,9 @@ def test_benchmark_refuses_compile_without_a_working_backend(benchmark, capsys, 
 
 
 def test_benchmark_runs_and_prints_its_table(benchmark, capsys):
-    assert benchmark.main(["--repeats", "1", "--warmup", "0", "--new-tokens", "4", "--batch-size", "1", "2"]) == 0
+    assert (
+        benchmark.main(["--repeats", "1", "--warmup-rounds", "0", "--new-tokens", "4", "--batch-size", "1", "2"]) == 0
+    )
     out = capsys.readouterr().out
     assert "hardware:  CPU" in out and "transformers 5.24" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]

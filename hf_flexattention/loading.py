@@ -1,0 +1,116 @@
+"""Load any Llava checkpoint as a FlexAttention model, the way every command-line entry point does.
+
+A FlexAttention checkpoint (saved with `save_pretrained`, pushed, or made by `hf_flexattention.convert`) loads with
+its own class, so its trained `hr_k_proj` / `hr_v_proj` and its saved settings are kept; a stock Llava checkpoint is
+loaded and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged warning;
+settings left unset never do.
+"""
+
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers.utils import logging
+
+from .configuration_flex_llava import released_n_fa
+from .modeling_flex_llava import FlexLlavaForConditionalGeneration
+from .patching import is_patched, patch_model
+from .processing_flex_llava import FlexLlavaProcessor
+
+
+logger = logging.get_logger(__name__)
+
+# patch_model's settings and the config fields that keep them.
+SETTINGS = {
+    "n_fa": "flex_n_fa",
+    "threshold": "flex_threshold",
+    "zoom": "flex_zoom",
+    "selection": "flex_selection",
+    "selection_grid": "flex_selection_grid",
+    "topk_ratio": "flex_topk_ratio",
+    "random_p": "flex_random_p",
+    "random_seed": "flex_random_seed",
+    "warmup": "flex_warmup",
+}
+
+
+def flex_settings(model: FlexLlavaForConditionalGeneration) -> dict:
+    """The `patch_model` keyword arguments that reproduce `model`'s FlexAttention settings."""
+    return {name: getattr(model.config, field) for name, field in SETTINGS.items()}
+
+
+def apply_settings(model, settings: dict | None = None) -> FlexLlavaForConditionalGeneration:
+    """Patch a stock model with `settings` (unset ones: `patch_model`'s defaults, `n_fa`: the released share), or
+    apply to a FlexAttention model only the settings given that differ from its own, logging each.
+
+    Args:
+        model: a `LlavaForConditionalGeneration` or a FlexAttention model.
+        settings: `patch_model` keyword arguments; None values count as unset.
+
+    Raises:
+        ValueError / TypeError: as `patch_model`, for a setting it refuses; ValueError for an unknown name.
+    """
+    chosen = {name: value for name, value in (settings or {}).items() if value is not None}
+    unknown = sorted(set(chosen) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"Unknown FlexAttention settings {unknown}: use {sorted(SETTINGS)}.")
+    if not is_patched(model):
+        chosen.setdefault("n_fa", released_n_fa(model.config.text_config.num_hidden_layers))
+        return patch_model(model, **chosen)
+    saved = flex_settings(model)
+    changed = {name: value for name, value in chosen.items() if value != saved[name]}
+    for name, value in changed.items():
+        logger.warning(f"Overriding the checkpoint's {name}={saved[name]!r} with {name}={value!r}, as asked.")
+    if "n_fa" in changed and changed["n_fa"] > saved["n_fa"]:
+        logger.warning(
+            f"n_fa={changed['n_fa']} adds FlexAttention layers the checkpoint has no trained hr_k_proj/hr_v_proj for: "
+            "they start as copies of k_proj/v_proj."
+        )
+    return patch_model(model, **{**saved, **changed}) if changed else model
+
+
+def load_flex_model(
+    name_or_path: str, settings: dict | None = None, **from_pretrained_kwargs
+) -> FlexLlavaForConditionalGeneration:
+    """Load `name_or_path` as a FlexAttention model: a `flex_llava` checkpoint as saved, a `llava` one patched.
+
+    Args:
+        name_or_path: a Hub id or a folder.
+        settings: `patch_model` settings given on purpose (None values are unset); see `apply_settings`.
+        **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `revision`, ...).
+
+    Raises:
+        ValueError: for a checkpoint that is neither `flex_llava` nor `llava` (the message names what works).
+    """
+    config = AutoConfig.from_pretrained(name_or_path, **_hub_kwargs(from_pretrained_kwargs))
+    if config.model_type == "flex_llava":
+        model = FlexLlavaForConditionalGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    elif config.model_type == "llava":
+        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    else:
+        raise ValueError(
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint: FlexAttention loads LLaVA-1.5-style `llava` "
+            "checkpoints (patched here) and `flex_llava` ones (saved by hf_flexattention or made by "
+            "`python -m hf_flexattention.convert`)."
+        )
+    return apply_settings(model, settings)
+
+
+def load_flex_processor(name_or_path: str, zoom: int) -> FlexLlavaProcessor:
+    """The checkpoint's processor as a `FlexLlavaProcessor` with `zoom` (the model's `config.flex_zoom`).
+
+    Raises:
+        ValueError: if a saved `FlexLlavaProcessor` has another zoom than the model.
+    """
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    if isinstance(processor, FlexLlavaProcessor):
+        if processor.zoom != zoom:
+            raise ValueError(
+                f"The checkpoint's FlexLlavaProcessor has zoom={processor.zoom} but the model has flex_zoom={zoom}: "
+                "keep the saved zoom (do not override it) or save the processor with the model's zoom."
+            )
+        return processor
+    return FlexLlavaProcessor.from_llava_processor(processor, zoom=zoom)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The `from_pretrained` arguments that also locate the config (revision, cache, token, ...)."""
+    keys = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+    return {key: kwargs[key] for key in keys if key in kwargs}
