@@ -59,6 +59,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
 from hf_flexattention import FlexLlavaForConditionalGeneration  # noqa: E402
+from hf_flexattention.adapters import load_adapter, write_adapter_settings  # noqa: E402
 from hf_flexattention.data import (  # noqa: E402
     LlavaConversationCollator,
     LlavaConversationDataset,
@@ -225,7 +226,7 @@ def reload_and_generate(script_args: ScriptArguments, output_dir: str, collator,
     if script_args.full:
         model = FlexLlavaForConditionalGeneration.from_pretrained(output_dir)
     else:
-        model = PeftModel.from_pretrained(load_base(script_args), output_dir)
+        model = load_adapter(load_base(script_args), output_dir)  # the base patched as the adapter records
     model.eval()
     index = next((i for i in range(len(dataset)) if dataset.image_path(i) is not None), None)
     sample = dataset[index] if index is not None else None
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         resume = training_args.resume_from_checkpoint
         result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
         trainer.save_model(training_args.output_dir)  # the adapter (LoRA) or the whole model (--full); rank 0 only
+        if not script_args.full and trainer.is_world_process_zero():
+            write_adapter_settings(trainer.model, training_args.output_dir)  # flex_attention.json beside the adapter
         trainer.save_state()  # trainer_state.json: log history, global step, epoch
         trainer.accelerator.wait_for_everyone()
         answer = None

@@ -24,6 +24,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import LlavaForConditionalGeneration
 
+from .adapters import SETTINGS_FILE, write_adapter_settings
 from .patching import is_patched
 from .processing_flex_llava import FlexLlavaProcessor
 
@@ -182,7 +183,8 @@ from hf_flexattention import FlexLlavaProcessor
 llava_processor = AutoProcessor.from_pretrained("{base_model or "BASE_LLAVA_MODEL"}")
 processor = FlexLlavaProcessor.from_llava_processor(llava_processor, zoom={zoom})
 ```"""
-    return f"""With the plugin (`pip install hf_flexattention`; importing it registers the `flex_llava` type):
+    return f"""With the plugin (`hf_flexattention`, installed from its source repository: it is not on PyPI
+yet; importing it registers the `flex_llava` type):
 
 ```python
 import hf_flexattention  # noqa: F401
@@ -284,19 +286,20 @@ def _adapter_card(card_path: Path, peft_model, repo_id: str | None, base_model: 
 
 ## FlexAttention adapter
 
-A PEFT adapter of a FlexAttention model ([Li et al., ECCV 2024]({PAPER_URL}), via `hf_flexattention`). Load the
-base FlexAttention model, then the adapter:
+A PEFT adapter of a FlexAttention model ([Li et al., ECCV 2024]({PAPER_URL}), via `hf_flexattention`). Its
+`{SETTINGS_FILE}` records the FlexAttention settings of the base it was trained on; `load_adapter` patches a stock
+base with them (or stops if a patched base differs), so the trained high-res projections are never dropped:
 
 ```python
-import hf_flexattention  # noqa: F401  (without the plugin: pass trust_remote_code=True below instead)
-from peft import PeftModel
+from hf_flexattention.adapters import load_adapter
 from transformers import AutoModelForImageTextToText
 
-base = AutoModelForImageTextToText.from_pretrained("{base}")
-model = PeftModel.from_pretrained(base, "{repo_id}")
+model = load_adapter(AutoModelForImageTextToText.from_pretrained("{base}"), "{repo_id}")
 ```
 
-{LOAD_FIXES}
+Without the plugin, load a FlexAttention base with the code its repository ships, then the adapter with PEFT:
+`PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{base}", trust_remote_code=True),
+"{repo_id}")`. {LOAD_FIXES}
 
 ```bibtex
 {CITATION}
@@ -353,6 +356,7 @@ def save_pretrained(
     if processor is not None:
         processor.save_pretrained(save_directory)
     if _peft_base(model) is not None:
+        write_adapter_settings(model, save_directory)
         card_path = save_directory / "README.md"
         _adapter_card(card_path, model, repo_id, base_model, tags).save(card_path)
     else:

@@ -33,6 +33,7 @@ ADAPTER_REPO = "tester/tiny-flex-lora"  # pushed with peft_model.push_to_hub
 ADAPTER_CARD_REPO = "tester/tiny-flex-lora-card"  # pushed with hf_flexattention.hub.push_to_hub(peft_model)
 ORIGINAL_REPO = "tester/original-flexattn"  # the authors' format, converted from the Hub
 BASE_MODEL = "tester/tiny-llava"
+STOCK_REPO = "tester/tiny-llava-stock"  # the stock tiny model, for loading an adapter onto an unpatched base
 REMOTE_CODE_FILES = {
     "attention.py",
     "configuration_flex_llava.py",
@@ -92,6 +93,7 @@ PUSH = """
 import copy
 
 import hf_flexattention
+from hf_flexattention.adapters import load_adapter
 from hf_flexattention.convert import convert_checkpoint
 from hf_flexattention.hub import push_to_hub
 from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor
@@ -144,6 +146,14 @@ peft_model.push_to_hub("{ADAPTER_REPO}")
 push_to_hub(peft_model, "{ADAPTER_CARD_REPO}")
 adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{REPO}"), "{ADAPTER_REPO}")
 report["plugin_peft_logits"], _ = run(adapter.eval(), inputs)
+# The adapter card's way: onto a stock base (the same random weights, never patched), patched as recorded.
+build_tiny_llava().push_to_hub("{STOCK_REPO}")
+stock_base = AutoModelForImageTextToText.from_pretrained("{STOCK_REPO}")
+report["stock_base_peft_logits"], _ = run(load_adapter(stock_base, "{ADAPTER_CARD_REPO}").eval(), inputs)
+record_error(
+    "unrecorded_adapter_error",
+    lambda: load_adapter(AutoModelForImageTextToText.from_pretrained("{STOCK_REPO}"), "{ADAPTER_REPO}"),
+)
 
 # The authors' format, converted straight from the Hub.
 HfApi().create_repo("{ORIGINAL_REPO}")
@@ -190,6 +200,7 @@ def run_script(hub: FakeHub, work: Path, script: str, *, block_plugin: bool = Fa
         ADAPTER_CARD_REPO=ADAPTER_CARD_REPO,
         ORIGINAL_REPO=ORIGINAL_REPO,
         BASE_MODEL=BASE_MODEL,
+        STOCK_REPO=STOCK_REPO,
     )
     for name, value in names.items():
         script = script.replace("{" + name + "}", value)
@@ -317,12 +328,12 @@ def test_model_push_to_hub_writes_the_flexattention_card(hub, pushed):
 
 def test_the_adapter_card(hub, pushed):
     files = hub.files(ADAPTER_CARD_REPO)
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "flex_attention.json"} <= set(files)
     assert "model.safetensors" not in files
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "peft" and card.data.base_model == REPO
     assert {"hf_flexattention", "flexattention", "arxiv:2407.20228"} <= set(card.data.tags)
-    assert f'PeftModel.from_pretrained(base, "{ADAPTER_CARD_REPO}")' in card.text
+    assert f'load_adapter(AutoModelForImageTextToText.from_pretrained("{REPO}"), "{ADAPTER_CARD_REPO}")' in card.text
     assert "trust_remote_code=True" in card.text and "2407.20228" in card.text
 
 
@@ -343,6 +354,11 @@ def test_with_the_plugin_auto_processor_needs_no_trust_remote_code(pushed):
 def test_a_peft_adapter_round_trips_with_the_plugin(pushed):
     assert not torch.equal(pushed["peft_logits"], pushed["logits"])  # the adapter does something
     assert torch.equal(pushed["plugin_peft_logits"], pushed["peft_logits"])
+
+
+def test_a_pushed_adapter_patches_a_stock_base_as_it_was_trained(pushed):
+    assert torch.equal(pushed["stock_base_peft_logits"], pushed["peft_logits"])
+    assert "records no FlexAttention settings" in pushed["unrecorded_adapter_error"]
 
 
 def test_the_authors_checkpoint_converts_from_the_hub(pushed):
