@@ -141,3 +141,24 @@ def test_unknown_variant_and_shape_are_refused():
         prefill_flops(shapes, "d", 10)
     with pytest.raises(ValueError, match="use one of llava-1.5-7b, llava-1.5-13b"):
         shaped_llava_config("llava-2")
+
+
+def test_the_readme_lora_parameter_counts():
+    """Trainable parameters of the README's LoRA recipes on LLaVA-1.5-7B (built on the meta device: no memory)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    from hf_flexattention.training import lora_target_modules
+
+    def trainable(patched, high_res):
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(shaped_llava_config("llava-1.5-7b"))
+        if patched:
+            patch_model(model, n_fa=23)
+        config = LoraConfig(r=16, target_modules=lora_target_modules(include_high_res=high_res == "lora"))
+        config.modules_to_save = ["hr_k_proj", "hr_v_proj"] if high_res == "save" else None
+        return sum(p.numel() for p in get_peft_model(model, config).parameters() if p.requires_grad)
+
+    assert trainable(False, None) == 16_777_216
+    assert trainable(True, "save") == 788_529_152
+    assert trainable(True, "lora") == 22_806_528
