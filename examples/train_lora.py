@@ -19,8 +19,8 @@ is added (`patch_model` refuses a PEFT model); LoRA targets the language model's
 (`lora_target_modules()`), and `hr_k_proj`/`hr_v_proj` are trained in full (`--high-res-projections save`, PEFT
 `modules_to_save`), with LoRA (`lora`) or not at all (`frozen`). `--full` fine-tunes every language-model and
 projector weight instead (vision tower frozen) and saves a complete FlexAttention checkpoint.
-`FlexAttentionWarmupCallback` ramps the high-res blend in from 0 as the official recipe does
-(`alpha = min(1, epoch * warmup)`).
+`HighResRampCallback` ramps the high-res blend in from 0 as the official recipe does
+(`alpha = min(1, epoch * high_res_ramp)`; not the learning-rate `--warmup-steps`).
 
 Several processes / machines. The script runs unchanged under torchrun or accelerate, which start one process
 per device and let `Trainer` wrap the model in DDP (gloo on CPUs, NCCL on GPUs):
@@ -68,7 +68,7 @@ from hf_flexattention.data import (  # noqa: E402
 from hf_flexattention.loading import apply_settings, load_flex_model, load_flex_processor  # noqa: E402
 from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
 from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa: E402
-from hf_flexattention.training import FlexAttentionWarmupCallback, lora_target_modules  # noqa: E402
+from hf_flexattention.training import HighResRampCallback, lora_target_modules  # noqa: E402
 
 
 TINY_SEED = 0
@@ -97,8 +97,9 @@ class ScriptArguments:
     zoom: int | None = field(
         default=None, metadata={"help": "High-res side over the vision tower's input side (default: own, else 3)."}
     )
-    warmup: float | None = field(
-        default=None, metadata={"help": "Warm-up rate: alpha = min(1, epoch * warmup) (default: own, else 10)."}
+    high_res_ramp: float | None = field(
+        default=None,
+        metadata={"help": "High-res blend ramp: alpha = min(1, epoch * ramp) (default: the --model's own, else 10)."},
     )
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (no LoRA); the vision tower stays frozen."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -161,7 +162,7 @@ def load_base(script_args: ScriptArguments) -> FlexLlavaForConditionalGeneration
         "n_fa": script_args.n_fa,
         "threshold": script_args.threshold,
         "zoom": script_args.zoom,
-        "warmup": script_args.warmup,
+        "high_res_ramp": script_args.high_res_ramp,
     }
     if script_args.model is None:
         return apply_settings(build_tiny_llava(seed=TINY_SEED), settings)
@@ -216,7 +217,7 @@ def build_trainer(
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[FlexAttentionWarmupCallback()],
+        callbacks=[HighResRampCallback()],
     )
     return trainer, collator, dataset
 

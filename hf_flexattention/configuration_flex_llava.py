@@ -44,7 +44,7 @@ def validate_flex_settings(
     low_res_grid: int,
     topk_ratio: float,
     random_p: float,
-    warmup: float,
+    high_res_ramp: float,
     random_seed: int = 0,
 ) -> None:
     """Raise a `ValueError`/`TypeError` naming the fix for any FlexAttention setting that cannot work."""
@@ -92,10 +92,13 @@ def validate_flex_settings(
         raise ValueError(f"`random_p={random_p}` must lie in [0, 1] (probability that a cell is selected).")
     if isinstance(random_seed, bool) or not isinstance(random_seed, int):
         raise TypeError(f"`random_seed` must be an int, got {type(random_seed).__name__}.")
-    if not _is_number(warmup):
-        raise TypeError(f"`warmup` must be a number >= 0, got {type(warmup).__name__}.")
-    if not (math.isfinite(warmup) and warmup >= 0):
-        raise ValueError(f"`warmup={warmup}` must be >= 0 (alpha = min(1, epoch * warmup); the release uses 10).")
+    if not _is_number(high_res_ramp):
+        raise TypeError(f"`high_res_ramp` must be a number >= 0, got {type(high_res_ramp).__name__}.")
+    if not (math.isfinite(high_res_ramp) and high_res_ramp >= 0):
+        raise ValueError(
+            f"`high_res_ramp={high_res_ramp}` must be a finite number >= 0 (alpha = min(1, epoch * high_res_ramp); "
+            "the release uses 10)."
+        )
 
 
 def _is_number(value) -> bool:
@@ -127,8 +130,9 @@ class FlexLlavaConfig(LlavaConfig):
         flex_random_seed (`int`, *optional*, defaults to 0):
             Seed of `"random"` selection: a row's cells are a hash of (seed, layer, position), so cached and
             cache-less generation draw alike.
-        flex_warmup (`float`, *optional*, defaults to 10.0):
-            Training warm-up rate: `alpha = min(1, epoch * warmup)`.
+        flex_high_res_ramp (`float`, *optional*, defaults to 10.0):
+            Training ramp of the high-res blend: `alpha = min(1, epoch * flex_high_res_ramp)` (the official code's
+            `warmup`; configs saved with a `flex_warmup` field load it here).
     """
 
     model_type = "flex_llava"
@@ -141,9 +145,12 @@ class FlexLlavaConfig(LlavaConfig):
     flex_topk_ratio: float = 0.1
     flex_random_p: float = 0.1
     flex_random_seed: int = 0
-    flex_warmup: float = 10.0
+    flex_high_res_ramp: float = 10.0
 
     def __post_init__(self, **kwargs):
+        legacy_ramp = kwargs.pop("flex_warmup", None)  # the field's name in configs saved before 0.2
+        if legacy_ramp is not None:
+            self.flex_high_res_ramp = float(legacy_ramp)
         super().__post_init__(**kwargs)
         if self.flex_n_fa is None:
             self.flex_n_fa = max(0, self.text_config.num_hidden_layers - RELEASED_PLAIN_LAYERS)
@@ -157,7 +164,7 @@ class FlexLlavaConfig(LlavaConfig):
             low_res_grid=self.low_res_grid,
             topk_ratio=self.flex_topk_ratio,
             random_p=self.flex_random_p,
-            warmup=self.flex_warmup,
+            high_res_ramp=self.flex_high_res_ramp,
             random_seed=self.flex_random_seed,
         )
 

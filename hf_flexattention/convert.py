@@ -14,7 +14,7 @@ The converter writes safetensors that `AutoModelForImageTextToText` loads (with 
 - weights renamed to the transformers Llava layout; `{k,v}_proj_hd` become `hr_{k,v}_proj` in the FlexAttention
   layers only (the official code creates them in every layer but uses them in layers 9 and up);
 - settings: the official code makes every layer with `layer_idx > 8` hierarchical, so `n_fa = L - 9`; its threshold
-  is on a 0-255 scale (`48 -> 48/255`); `zoom_ratio -> flex_zoom`, `warmup -> flex_warmup` (the code's defaults
+  is on a 0-255 scale (`48 -> 48/255`); `zoom_ratio -> flex_zoom`, `warmup -> flex_high_res_ramp` (the code's defaults
   when missing: threshold 64, warmup 3);
 - the CLIP tower from the checkpoint, or from `--vision-tower` (a folder or Hub id) when the checkpoint has none; its
   config from `--vision-tower`, or built in for `openai/clip-vit-large-patch14-336`;
@@ -267,7 +267,7 @@ def _flex_settings(extra: dict, num_layers: int, image_size: int) -> dict:
         "flex_n_fa": n_fa,
         "flex_threshold": threshold / 255,
         "flex_zoom": zoom,
-        "flex_warmup": _number(extra, "warmup"),
+        "flex_high_res_ramp": _number(extra, "warmup"),
     }
 
 

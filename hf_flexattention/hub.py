@@ -148,7 +148,7 @@ def _settings_table(config) -> str:
             f"{high_res_grid}x{high_res_grid} = {high_res_grid**2} high-res tokens)",
         ),
         ("`flex_selection`", selection),
-        ("`flex_warmup`", f"{config.flex_warmup:g} (training: alpha = min(1, epoch x warmup))"),
+        ("`flex_high_res_ramp`", f"{config.flex_high_res_ramp:g} (training: alpha = min(1, epoch x ramp))"),
         ("language model", f"{text_config.model_type}, {layers} layers, hidden size {text_config.hidden_size}"),
         (
             "vision tower",

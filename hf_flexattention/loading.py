@@ -27,7 +27,7 @@ SETTINGS = {
     "topk_ratio": "flex_topk_ratio",
     "random_p": "flex_random_p",
     "random_seed": "flex_random_seed",
-    "warmup": "flex_warmup",
+    "high_res_ramp": "flex_high_res_ramp",
 }
 
 

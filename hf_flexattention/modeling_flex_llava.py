@@ -355,11 +355,11 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
 
     def _flex_alpha(self) -> float:
-        """Warm-up blend weight of the hierarchical output: `min(1, progress * warmup)` in training, else 1."""
+        """Blend weight of the hierarchical output: `min(1, progress * flex_high_res_ramp)` in training, else 1."""
         progress = getattr(self, "flex_training_progress", None)
         if not self.training or progress is None:
             return 1.0
-        return min(1.0, float(progress) * self.config.flex_warmup)
+        return min(1.0, float(progress) * self.config.flex_high_res_ramp)
 
     def _prepare_flex_call(
         self,

@@ -76,7 +76,7 @@ def patch_model(
     topk_ratio: float = 0.1,
     random_p: float = 0.1,
     random_seed: int = 0,
-    warmup: float = 10.0,
+    high_res_ramp: float = 10.0,
 ) -> FlexLlavaForConditionalGeneration:
     """Turn a loaded Llava model into a FlexAttention model, in place, and return it.
 
@@ -94,7 +94,8 @@ def patch_model(
         topk_ratio: `"topk"`'s budget, a fraction of the high-res tokens: `round(topk_ratio * s**2)` cells of the
             `s x s` selection grid (0.1 keeps 8 of 81 cells, 512 of 5184 tokens, on LLaVA-1.5).
         random_p, random_seed: `"random"`'s probability per cell and seed.
-        warmup: training warm-up rate, `alpha = min(1, epoch * warmup)`.
+        high_res_ramp: training ramp of the high-res blend, `alpha = min(1, epoch * high_res_ramp)` (the official
+            code's `warmup`; the release uses 10: alpha reaches 1 a tenth of the way into the first epoch).
 
     Patching an already patched model with the same settings does nothing; with other settings it
     re-configures it (layers that stop being FlexAttention layers lose their hr projections).
@@ -130,7 +131,7 @@ def patch_model(
         low_res_grid=low_res_grid,
         topk_ratio=topk_ratio,
         random_p=random_p,
-        warmup=warmup,
+        high_res_ramp=high_res_ramp,
         random_seed=random_seed,
     )
     settings = {
@@ -144,7 +145,7 @@ def patch_model(
         "flex_topk_ratio": topk_ratio,
         "flex_random_p": random_p,
         "flex_random_seed": random_seed,
-        "flex_warmup": float(warmup),
+        "flex_high_res_ramp": float(high_res_ramp),
     }
     if is_patched(model):
         if all(getattr(config, name) == value for name, value in settings.items()):

@@ -1,9 +1,10 @@
-"""Fine-tuning helpers: the alpha warm-up callback for `Trainer` and the LoRA target regex.
+"""Fine-tuning helpers: the high-res blend ramp's callback for `Trainer` and the LoRA target regex.
 
 FlexAttention layers blend the plain and the hierarchical attention output of every high-res row while training,
-`out = (1 - alpha) * plain + alpha * hierarchical` with `alpha = min(1, epoch * config.flex_warmup)` (the official
-code's ramp: with the released `warmup=10`, alpha reaches 1 after the first 10% of the epoch). The model reads the
-fractional epoch from its `flex_training_progress` attribute; [`FlexAttentionWarmupCallback`] sets it from
+`out = (1 - alpha) * plain + alpha * hierarchical` with `alpha = min(1, epoch * config.flex_high_res_ramp)` (the
+official code's `warmup`; with the released 10, alpha reaches 1 after the first 10% of the epoch; not to be confused
+with the learning-rate warmup of `TrainingArguments.warmup_steps`). The model reads the
+fractional epoch from its `flex_training_progress` attribute; [`HighResRampCallback`] sets it from
 `TrainerState.epoch` before every optimizer step. Without the callback (or outside `model.train()`), alpha is 1.
 
 Example:
@@ -14,7 +15,7 @@ Example:
 >>> lora = LoraConfig(r=16, target_modules=lora_target_modules(), modules_to_save=["hr_k_proj", "hr_v_proj"])
 >>> model = get_peft_model(model, lora)  # patch first, then LoRA
 >>> trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-...                   callbacks=[FlexAttentionWarmupCallback()])
+...                   callbacks=[HighResRampCallback()])
 ```
 """
 
@@ -61,24 +62,25 @@ def find_flex_model(model: torch.nn.Module) -> FlexLlavaForConditionalGeneration
 
 
 def set_training_progress(model: torch.nn.Module, progress: float | None) -> None:
-    """Set the fractional epoch the warm-up alpha is computed from (None: no warm-up, alpha 1)."""
+    """Set the fractional epoch the high-res blend alpha is computed from (None: no ramp, alpha 1)."""
     setattr(find_flex_model(model), PROGRESS_ATTRIBUTE, None if progress is None else float(progress))
 
 
-class FlexAttentionWarmupCallback(TrainerCallback):
-    """Drives the FlexAttention training warm-up from the `Trainer`'s fractional epoch.
+class HighResRampCallback(TrainerCallback):
+    """Drives the high-res blend ramp from the `Trainer`'s fractional epoch, and logs its alpha (`high_res_alpha`).
 
     Before every optimizer step (all gradient-accumulation micro-batches of a step share one alpha) it sets
     `flex_training_progress = state.epoch` on the patched model, unwrapping PEFT/DDP/accelerate wrappers; the model
-    then blends its high-res rows with `alpha = min(1, epoch * config.flex_warmup)`: 0 at the first step, linear,
-    1 from epoch `1 / flex_warmup` on. `state.epoch` is saved in Trainer checkpoints, so a run resumed with
-    `resume_from_checkpoint` continues the same ramp. At the end of training the attribute is cleared (alpha 1).
+    then blends its high-res rows with `alpha = min(1, epoch * config.flex_high_res_ramp)`: 0 at the first step,
+    linear, 1 from epoch `1 / flex_high_res_ramp` on. `state.epoch` is saved in Trainer checkpoints, so a run
+    resumed with `resume_from_checkpoint` continues the same ramp. At the end of training the attribute is cleared
+    (alpha 1).
 
     Example:
 
     ```python
     >>> trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-    ...                   callbacks=[FlexAttentionWarmupCallback()])
+    ...                   callbacks=[HighResRampCallback()])
     ```
     """
 
@@ -88,10 +90,10 @@ class FlexAttentionWarmupCallback(TrainerCallback):
         if model is None:
             return
         config = find_flex_model(model).config
-        if config.flex_warmup == 0:
+        if config.flex_high_res_ramp == 0:
             logger.warning(
-                "flex_warmup=0: with FlexAttentionWarmupCallback, alpha stays 0 and the high-res path is not "
-                "trained. Patch with warmup > 0 (the release uses 10) or drop the callback for alpha = 1."
+                "flex_high_res_ramp=0: with HighResRampCallback, alpha stays 0 and the high-res path is not "
+                "trained. Patch with high_res_ramp > 0 (the release uses 10) or drop the callback for alpha = 1."
             )
         set_training_progress(model, state.epoch or 0.0)
 
@@ -102,6 +104,19 @@ class FlexAttentionWarmupCallback(TrainerCallback):
             # `state.epoch` is the epoch reached after the last optimizer step: 0 before the first one.
             set_training_progress(model, state.epoch or 0.0)
 
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, model=None, **kwargs
+    ):
+        if logs is None or model is None or "loss" not in logs:
+            return
+        flex_model = find_flex_model(model)
+        alpha = flex_model._flex_alpha() if flex_model.training else 1.0
+        # The Trainer has already put `logs` in its history: the alpha of the step goes there too (and so into
+        # trainer_state.json), and to the callbacks after this one.
+        logs["high_res_alpha"] = alpha
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1]["high_res_alpha"] = alpha
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
@@ -110,7 +125,7 @@ class FlexAttentionWarmupCallback(TrainerCallback):
 
 
 __all__ = [
-    "FlexAttentionWarmupCallback",
+    "HighResRampCallback",
     "find_flex_model",
     "lora_target_modules",
     "set_training_progress",

@@ -15,7 +15,7 @@ from hf_flexattention.tiny import build_tiny_llava
 from hf_flexattention.training import lora_target_modules
 
 
-SETTINGS = {"n_fa": 2, "threshold": 0.3, "warmup": 4.0}
+SETTINGS = {"n_fa": 2, "threshold": 0.3, "high_res_ramp": 4.0}
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_an_adapter_patches_a_stock_base_as_it_was_trained(trained_adapter, sing
     folder, want = trained_adapter
     model = load_adapter(build_tiny_llava(), folder / "recorded").eval()
     base_config = model.get_base_model().config
-    assert (base_config.flex_n_fa, base_config.flex_threshold, base_config.flex_warmup) == (2, 0.3, 4.0)
+    assert (base_config.flex_n_fa, base_config.flex_threshold, base_config.flex_high_res_ramp) == (2, 0.3, 4.0)
     with torch.no_grad():
         torch.testing.assert_close(model(**single_inputs).logits, want, atol=0, rtol=0)
 

@@ -188,7 +188,7 @@ def hd(stock):
 @pytest.fixture(scope="module")
 def reference(stock, hd):
     """What the conversion must produce: the stock weights patched directly, hd weights in the hr projections."""
-    model = patch_model(copy.deepcopy(stock), n_fa=N_FA, threshold=48 / 255, zoom=3, warmup=10.0)
+    model = patch_model(copy.deepcopy(stock), n_fa=N_FA, threshold=48 / 255, zoom=3, high_res_ramp=10.0)
     with torch.no_grad():
         for index in range(NUM_LAYERS - N_FA, NUM_LAYERS):
             attention = model.model.language_model.layers[index].self_attn
@@ -252,7 +252,14 @@ def test_converted_checkpoint_equals_the_directly_patched_model(
 
     converted = FlexLlavaForConditionalGeneration.from_pretrained(output)
     assert isinstance(converted.config, FlexLlavaConfig)
-    settings = ("flex_n_fa", "flex_threshold", "flex_zoom", "flex_warmup", "flex_selection", "flex_selection_grid")
+    settings = (
+        "flex_n_fa",
+        "flex_threshold",
+        "flex_zoom",
+        "flex_high_res_ramp",
+        "flex_selection",
+        "flex_selection_grid",
+    )
     assert {name: getattr(converted.config, name) for name in settings} == {
         name: getattr(reference.config, name) for name in settings
     }

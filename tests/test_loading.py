@@ -16,7 +16,7 @@ from hf_flexattention.tiny import build_tiny_llava
 from .conftest import make_image
 
 
-SAVED = {"n_fa": 3, "threshold": 0.3, "selection": "threshold", "warmup": 4.0}
+SAVED = {"n_fa": 3, "threshold": 0.3, "selection": "threshold", "high_res_ramp": 4.0}
 
 
 def high_res_weights(model):

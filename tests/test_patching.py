@@ -156,9 +156,9 @@ def test_set_attn_implementation_keeps_flex_attention(single_inputs):
         ({"n_fa": 2, "random_p": 1.5}, ValueError, "random_p"),
         ({"n_fa": 2, "random_p": "0.5"}, TypeError, r"`random_p` must be a float in \[0, 1\], got str"),
         ({"n_fa": 2, "random_seed": 1.5}, TypeError, "`random_seed` must be an int, got float"),
-        ({"n_fa": 2, "warmup": -1}, ValueError, "warmup"),
-        ({"n_fa": 2, "warmup": None}, TypeError, "`warmup` must be a number >= 0, got NoneType"),
-        ({"n_fa": 2, "warmup": float("nan")}, ValueError, "must be >= 0"),
+        ({"n_fa": 2, "high_res_ramp": -1}, ValueError, "high_res_ramp"),
+        ({"n_fa": 2, "high_res_ramp": None}, TypeError, "`high_res_ramp` must be a number >= 0, got NoneType"),
+        ({"n_fa": 2, "high_res_ramp": float("nan")}, ValueError, "must be a finite number >= 0"),
         (
             {"n_fa": 2, "threshold": 1.5},
             ValueError,
@@ -235,3 +235,17 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused(single_inputs):
     patch_model(model, n_fa=2)
     with pytest.raises(ValueError, match="sliding window"):
         model(**single_inputs)
+
+
+def test_a_config_saved_with_the_old_ramp_name_loads(tmp_path):
+    """Configs written before the blend ramp was renamed carry `flex_warmup`: it loads as `flex_high_res_ramp`."""
+    import json
+
+    model = patch_model(build_tiny_llava(), n_fa=2, high_res_ramp=4.0)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["flex_warmup"] = config.pop("flex_high_res_ramp")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = FlexLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.flex_high_res_ramp == 4.0
+    assert not hasattr(loaded.config, "flex_warmup")

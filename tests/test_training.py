@@ -16,7 +16,7 @@ from hf_flexattention import FlexLlavaForConditionalGeneration, is_patched, patc
 from hf_flexattention.data import LlavaConversationCollator, LlavaConversationDataset, write_colour_dataset
 from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor
 from hf_flexattention.training import (
-    FlexAttentionWarmupCallback,
+    HighResRampCallback,
     find_flex_model,
     lora_target_modules,
     set_training_progress,
@@ -132,7 +132,7 @@ def flex_trainer(model, args, dataset, collator) -> Trainer:
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[FlexAttentionWarmupCallback()],
+        callbacks=[HighResRampCallback()],
     )
 
 
@@ -245,17 +245,21 @@ def test_without_the_callback_alpha_is_one_and_alpha_zero_is_the_plain_model(bat
     assert torch.equal(evaluated, full)
 
 
-def test_warmup_callback_alpha_values(tmp_path, image_dataset, collator):
+def test_ramp_callback_alpha_values_and_logs(tmp_path, image_dataset, collator):
     # 16 image samples, batch 1, 2 accumulation steps: 8 optimizer steps per epoch, epoch k/8 before step k.
-    model = flex_model(warmup=2.0)
+    model = flex_model(high_res_ramp=2.0)
     seen = record_alpha(model)
-    args = training_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=1)
+    args = training_args(
+        tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=1, logging_steps=1
+    )
     trainer = flex_trainer(model, args, image_dataset, collator)
     trainer.train()
     steps = len(image_dataset) // 2
     expected = [min(1.0, k / steps * 2.0) for k in range(steps)]  # 0, 0.25, 0.5, 0.75, 1, 1, 1, 1
     # Both micro-batches of an optimizer step share its alpha. Exact: k/8*2 is exact in binary floating point.
     assert seen == [alpha for alpha in expected for _ in range(2)]
+    logged = [entry["high_res_alpha"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == expected  # each step's alpha beside its loss
     assert expected[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert model.flex_training_progress is None  # cleared at the end: alpha 1 again
 
@@ -277,9 +281,9 @@ def test_find_flex_model_unwraps_wrappers():
 
 
 def test_resuming_continues_the_alpha_and_the_loss_curve(tmp_path, image_dataset, collator):
-    # 16 samples, batch 2: 8 steps per epoch; warmup 2 ramps alpha over the first 4 steps, across the resume point.
+    # 16 samples, batch 2: 8 steps per epoch; a ramp of 2 ramps alpha over the first 4 steps, across the resume point.
     def run(output_dir, resume=None):
-        model = lora_model(warmup=2.0)
+        model = lora_model(high_res_ramp=2.0)
         seen = record_alpha(model)
         args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3)
         trainer = flex_trainer(model, args, image_dataset, collator)
