@@ -3,14 +3,17 @@
 With no arguments it runs end to end in a minute on a CPU: it builds the tiny random Llava model of
 `hf_flexattention.tiny`, patches it, writes a small synthetic LLaVA-format dataset (coloured signs, "what color is
 the sign ?" -> the colour word) into a temporary folder, trains a LoRA adapter with Trainer's progress bar, saves
-the adapter to `--output-dir`, reloads it onto a freshly patched base model and answers a question:
+the adapter to `--output-dir` (default `outputs/flex-llava-lora`), reloads it onto a freshly patched base model and
+answers a question. Without `--model` the defaults suit that random tiny model (learning rate 1e-2, 3 epochs); with
+`--model` they are `TrainingArguments`' own; the run prints which it uses. `--help` lists this script's flags,
+`--help-all` every `TrainingArguments` flag as well:
 
     python examples/train_lora.py
 
 On real data (LLaVA's conversation JSON, e.g. `llava_v1_5_mix665k.json`, plus its image folder):
 
     python examples/train_lora.py --model llava-hf/llava-1.5-7b-hf --data data.json --image-folder images/ \\
-        --output-dir llava-flex-lora --n-fa 23 --threshold 0.188 --bf16 --gradient-checkpointing \\
+        --output-dir llava-flex-lora --n-fa 23 --threshold 0.188 --bf16 --activation-checkpointing \\
         --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --learning-rate 2e-4 --num-train-epochs 1
 
 Every `TrainingArguments` flag works (`--max-steps`, `--save-steps`, `--report-to`, ...);
@@ -42,8 +45,8 @@ layers):
     # fsdp.json: {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]}
 
 (the paper's authors trained the full model with DeepSpeed ZeRO-3 and CPU offload). A batch whose rows select no
-high-res token still gives the hr projections a (zero) gradient, so DDP works with Trainer's default
-`ddp_find_unused_parameters`.
+high-res token still gives the hr projections a (zero) gradient, so the example runs DDP with
+`ddp_find_unused_parameters=False` (no search for unused parameters, and no warning that it found none).
 """
 
 import os
@@ -123,16 +126,43 @@ class ScriptArguments:
     )
 
 
+COMMON_TRAINING_FLAGS = (
+    "--output-dir (default outputs/flex-llava-lora), --learning-rate, --num-train-epochs, --max-steps, "
+    "--per-device-train-batch-size, --gradient-accumulation-steps, --bf16, --activation-checkpointing, "
+    "--save-steps, --report-to, --resume-from-checkpoint PATH|last, --deepspeed, --fsdp"
+)
+
+
+def short_help() -> str:
+    """This script's own flags, then the `TrainingArguments` flags most runs use (`--help-all` lists all ~250)."""
+    script_only = HfArgumentParser(ScriptArguments, prog="train_lora.py", description=__doc__.split("\n\n")[0])
+    return (
+        f"{script_only.format_help()}\nTrainingArguments flags are accepted too, most often: {COMMON_TRAINING_FLAGS}."
+        "\n--help-all lists every one.\n"
+    )
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
     """Parse script and `TrainingArguments` flags; the defaults depend on whether a real `--model` is given."""
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    tiny = not any(arg == "--model" or arg.startswith("--model=") for arg in (sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingArguments), description=__doc__.split("\n\n")[0], prog="train_lora.py"
+    )
+    if "-h" in argv or "--help" in argv:
+        print(short_help())
+        raise SystemExit(0)
+    if "--help-all" in argv:
+        argv = ["--help"]
+    tiny = not any(arg == "--model" or arg.startswith("--model=") for arg in argv)
     defaults = {
-        "output_dir": "flex-llava-lora",
+        "output_dir": os.path.join("outputs", "flex-llava-lora"),
         "per_device_train_batch_size": 4,
         "logging_steps": 10,
         "report_to": "none",
         "dataloader_pin_memory": torch.accelerator.is_available(),
+        # Every trainable parameter gets a gradient at every step (a layer whose rows select no high-res token gives
+        # its hr projections a zero one), so DDP need not search for unused ones (and warn that it found none).
+        "ddp_find_unused_parameters": False,
     }
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
         # Under torchrun without GPUs, accelerate sets up gloo DDP only when told to use the CPU; otherwise every
@@ -144,6 +174,18 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, Tra
     parser.set_defaults(**defaults)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return script_args, training_args
+
+
+def describe_run(script_args: ScriptArguments, training_args: TrainingArguments) -> str:
+    """One line saying what trains, with which defaults, and where the result goes."""
+    model = script_args.model or "the tiny random model (built in code)"
+    defaults = "the tiny model's" if script_args.model is None else "TrainingArguments'"
+    mode = "full fine-tuning" if script_args.full else f"LoRA r={script_args.lora_r}"
+    return (
+        f"Training {model} with {mode}: learning rate {training_args.learning_rate:g}, "
+        f"{training_args.num_train_epochs:g} epochs ({defaults} defaults unless set); writing to "
+        f"{os.path.abspath(training_args.output_dir)}"
+    )
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -239,12 +281,19 @@ def reload_and_generate(script_args: ScriptArguments, output_dir: str, collator,
     answer = collator.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     reference = next((turn["value"] for turn in sample.conversations if turn["from"] == "gpt"), None) if sample else ""
     print(f"\n{prompt!r} -> {answer.strip()!r} (training answer: {reference!r})")
+    if script_args.model is None:
+        print(
+            "(The tiny model is random and trained for seconds: its answer shows the pipeline runs, not that it "
+            "learned; pass --model and --data for a real fine-tune.)"
+        )
     return answer
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Train, save, reload, generate; returns the training metrics and the answer (for tests)."""
     script_args, training_args = parse_arguments(argv)
+    if training_args.process_index == 0:
+        print(describe_run(script_args, training_args))
     with tempfile.TemporaryDirectory() as data_folder:
         trainer, collator, dataset = build_trainer(script_args, training_args, data_folder)
         if not script_args.full and trainer.is_world_process_zero():

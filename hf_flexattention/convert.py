@@ -453,7 +453,10 @@ def convert_checkpoint(
     """
     output = Path(output)
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"The output {output} already exists and is not empty: choose another or pass overwrite.")
+        raise ValueError(
+            f"The output {output} already exists and is not empty: choose another folder, or replace it with "
+            "`--overwrite` (`overwrite=True` from Python)."
+        )
 
     # Everything is read and checked before anything is written.
     folder = _resolve_folder(source, "checkpoint", revision)

@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .modeling_flex_llava import IGNORE_INDEX
+from .processing_flex_llava import FlexLlavaProcessor
 
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -233,6 +234,12 @@ class LlavaConversationCollator:
         system_prompt: str | None = None,
         append_eos: bool = True,
     ):
+        if not isinstance(processor, FlexLlavaProcessor):
+            raise TypeError(
+                f"`processor` must be a FlexLlavaProcessor (it adds the high-res image), got "
+                f"{type(processor).__name__}: wrap it with `FlexLlavaProcessor.from_llava_processor(processor, "
+                "zoom=model.config.flex_zoom)`."
+            )
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
         if max_length is not None and max_length < 1:

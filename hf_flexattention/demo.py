@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     print(f"answer:     {answer!r}")
+    if mode == "tiny":
+        print("            (a random tiny model built in code: its answer is random words; --model runs a real one)")
     print(f"generate:   {len(new_tokens)} tokens in {elapsed:.2f} s (greedy, KV cache)")
     print("high-res tokens selected for the answer's first row (the prompt's last row):")
     for layer, counts in trace:

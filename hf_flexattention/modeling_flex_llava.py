@@ -158,6 +158,12 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise TypeError("Pass push_to_hub's options by keyword (e.g. `private=True`).")
         return push_to_hub(self, repo_id, **kwargs)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """`is_activation_checkpointing` under its old name, without transformers' deprecation warning: PEFT 0.21 reads
+        it in every `get_peft_model`, and users cannot act on that warning."""
+        return self.is_activation_checkpointing
+
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
         """Set the attention implementation; the language model keeps FlexAttention around `sdpa`/`eager`."""
         super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
@@ -468,7 +474,8 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         r"""
         The stock Llava forward, plus:
 
-        high_res_pixel_values (`torch.Tensor` of shape `(n_images, 3, zoom * S, zoom * S)`, *optional*):
+        high_res_pixel_values (`torch.Tensor` of shape `(n_images, 3, zoom * S, zoom * S)`, *optional*, `S` the
+            vision tower's input size, 336 for LLaVA-1.5):
             The square-padded high-res image of each sample that has an image, in batch order (from
             [`FlexLlavaProcessor`]). Only needed at prefill; generate drops it at decode steps.
         original_image_sizes (`torch.LongTensor` of shape `(n_images, 2)`, *optional*):

@@ -100,6 +100,11 @@ def patch_model(
     Patching an already patched model with the same settings does nothing; with other settings it
     re-configures it (layers that stop being FlexAttention layers lose their hr projections).
 
+    Returns:
+        `model` itself, now a `FlexLlavaForConditionalGeneration`. It uses high-res tokens only when called with
+        `high_res_pixel_values` (and `original_image_sizes`), which `FlexLlavaProcessor` makes; without them it
+        computes what the stock model does.
+
     Cost: each FlexAttention layer gains two `hidden x kv_dim` projections (772M parameters, 1.44 GiB in fp16, for
     LLaVA-1.5-7B with `n_fa=23`), and generation keeps every image's high-res keys of each FlexAttention layer
     (`n_fa * M * kv_dim` values: 0.91 GiB per image in fp16 for LLaVA-1.5-7B). `hf_flexattention.cost` models

@@ -150,8 +150,23 @@ class FlexLlavaProcessor(LlavaProcessor):
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Tokenise `text` (one `<image>` per image, at most one per sample) and preprocess `images`.
 
-        Returns `input_ids`, `attention_mask` and, when there are images, `pixel_values` (low-res),
-        `high_res_pixel_values` and `original_image_sizes` ((height, width) before padding).
+        Args:
+            images: a PIL image, or a list of them (or of one-image lists) in the order of the prompts' `<image>`
+                placeholders; text-only prompts take none. Any mode and size: each image is padded to a square with
+                the image processor's mean colour, as LLaVA-1.5 does.
+            text: a prompt or a list of prompts; `<image>` expands to the vision tower's `N` low-res tokens.
+            **kwargs: tokenizer arguments (`padding`, `return_tensors`, ...).
+
+        Returns:
+            A `BatchFeature` with `input_ids` and `attention_mask` `(batch, length)` and, when there are images,
+            `pixel_values` `(n_images, 3, S, S)` (the low-res view, `S` the vision tower's input size, 336 for
+            LLaVA-1.5), `high_res_pixel_values` `(n_images, 3, zoom * S, zoom * S)` and `original_image_sizes`
+            `(n_images, 2)` long, each image's (height, width) in pixels before padding.
+
+        Raises:
+            ValueError: without `text`, with more than one `<image>` in a prompt (or images in one sample), or when
+                the placeholders and the images do not pair up.
+            TypeError: for images that are not PIL images (open files with `PIL.Image.open`).
         """
         if text is None:
             raise ValueError("FlexLlavaProcessor needs `text` with one `<image>` placeholder per image.")

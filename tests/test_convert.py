@@ -404,7 +404,7 @@ def test_an_existing_output_is_not_overwritten_by_default(tmp_path, checkpoint, 
     output = tmp_path / "converted"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="already exists and is not empty: .* replace it with `--overwrite`"):
         convert_checkpoint(checkpoint, output, vision_tower=clip_config_only)
     assert (output / "keep.txt").read_text() == "mine"
     convert_checkpoint(checkpoint, output, vision_tower=clip_config_only, overwrite=True, image_token_index=95)

@@ -241,6 +241,11 @@ def test_bad_collator_settings_raise(processor):
         LlavaConversationCollator(processor, padding_side="middle")
     with pytest.raises(ValueError, match="max_length"):
         LlavaConversationCollator(processor, max_length=0)
+    from transformers import LlavaProcessor
+
+    stock = LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=4)
+    with pytest.raises(TypeError, match=r"must be a FlexLlavaProcessor .*got LlavaProcessor.*from_llava_processor"):
+        LlavaConversationCollator(stock)
 
 
 def test_a_json_that_is_not_a_list_raises(tmp_path):

@@ -171,6 +171,14 @@ def test_patch_then_lora_trains_the_adapters_and_hr_projections(batch, include_h
     assert lora_grads and lora_grads[0].abs().sum() > 0
 
 
+def test_get_peft_model_warns_nothing_a_user_cannot_act_on():
+    """PEFT 0.21 reads the deprecated `is_gradient_checkpointing` in every `get_peft_model`."""
+    model = flex_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(model, LoraConfig(target_modules=lora_target_modules()))
+
+
 def test_lora_then_patch_asks_to_patch_first():
     model = get_peft_model(build_tiny_llava(), LoraConfig(target_modules=lora_target_modules()))
     # Also the model inside the PeftModel: its attention already holds LoRA layers.
@@ -386,6 +394,26 @@ def test_example_trains_saves_reloads_and_generates(tmp_path):
     assert isinstance(result["answer"], str)
     with open(output / "trainer_state.json") as file:
         assert json.load(file)["global_step"] == 6
+    assert (output / "flex_attention.json").exists()  # the adapter records the base's FlexAttention settings
+
+
+def test_example_says_what_it_does(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import train_lora
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as exit_info:
+        train_lora.parse_arguments(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and len(help_text.splitlines()) < 80
+    assert "--high-res-ramp" in help_text and "--help-all lists every one" in help_text
+    script_args, training_args = train_lora.parse_arguments([])
+    line = train_lora.describe_run(script_args, training_args)
+    assert "learning rate 0.01, 3 epochs (the tiny model's defaults unless set)" in line
+    assert line.endswith(os.path.abspath(os.path.join("outputs", "flex-llava-lora")))
+    script_args, training_args = train_lora.parse_arguments(["--model", "llava-hf/llava-1.5-7b-hf"])
+    assert "learning rate 5e-05" in train_lora.describe_run(script_args, training_args)
 
 
 @pytest.mark.slow
