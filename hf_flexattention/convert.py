@@ -592,6 +592,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Converted {args.source} -> {path}")
+    if args.processor:
+        print(
+            f"Try it (its trained hr projections and settings load as saved): python -m hf_flexattention.demo "
+            f"--model {path} --image IMAGE --prompt QUESTION"
+        )
+    else:
+        print("No processor was saved with it: convert with --processor llava-hf/llava-1.5-7b-hf to run it as is.")
     return 0
 
 

@@ -314,6 +314,7 @@ def test_the_command_line_converts(tmp_path, checkpoint, clip_config_only, refer
     with pytest.raises(SystemExit) as exit_info:  # `python -m hf_flexattention.convert ...`, in process
         runpy.run_module("hf_flexattention.convert", run_name="__main__")
     assert exit_info.value.code == 0, capsys.readouterr().err
+    assert "convert with --processor llava-hf/llava-1.5-7b-hf" in capsys.readouterr().out
     assert_state_dicts_identical(FlexLlavaForConditionalGeneration.from_pretrained(output), reference)
 
 
@@ -448,3 +449,22 @@ def test_an_unknown_source_is_reported(tmp_path):
         convert_checkpoint(tmp_path / "does-not-exist", tmp_path / "converted")
     with pytest.raises(ValueError, match="neither a local folder nor a reachable Hub repository"):
         convert_checkpoint("tester/not-downloaded", tmp_path / "converted")  # HF_HUB_OFFLINE=1 in the tests
+
+
+def test_the_demo_runs_the_converted_checkpoint_with_its_trained_projections(
+    tmp_path, checkpoint, clip_config_only, reference, processor, capsys
+):
+    """The converter's output, tried as its message says: the demo keeps the authors' hd weights and settings."""
+    from hf_flexattention import demo
+    from hf_flexattention.loading import load_flex_model
+
+    llava_processor = save_llava_processor(tmp_path / "llava-processor", processor)
+    output = convert_checkpoint(
+        checkpoint, tmp_path / "converted", vision_tower=clip_config_only, processor=llava_processor
+    )
+    assert_state_dicts_identical(load_flex_model(str(output)), reference)
+    image = tmp_path / "image.png"
+    make_image(1).save(image)
+    assert demo.main(["--model", str(output), "--image", str(image), "--prompt", "what is in the image ?"]) == 0
+    n_fa = reference.config.flex_n_fa
+    assert f"n_fa={n_fa} of {reference.config.text_config.num_hidden_layers} layers" in capsys.readouterr().out
