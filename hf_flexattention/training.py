@@ -89,11 +89,14 @@ class HighResRampCallback(TrainerCallback):
     ):
         if model is None:
             return
-        config = find_flex_model(model).config
-        if config.flex_high_res_ramp == 0:
+        ramp = find_flex_model(model).config.flex_high_res_ramp
+        epochs = state.num_train_epochs or args.num_train_epochs
+        final = min(1.0, ramp * epochs)
+        if final < 1.0:
             logger.warning(
-                "flex_high_res_ramp=0: with HighResRampCallback, alpha stays 0 and the high-res path is not "
-                "trained. Patch with high_res_ramp > 0 (the release uses 10) or drop the callback for alpha = 1."
+                f"flex_high_res_ramp={ramp:g} over {epochs:g} epoch(s): alpha only reaches {final:.3g} by the end of "
+                "training, so the high-res path barely contributes. The release uses 10 (alpha 1 after a tenth of an "
+                "epoch); drop the callback for alpha = 1 throughout."
             )
         set_training_progress(model, state.epoch or 0.0)
 

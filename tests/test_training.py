@@ -1,6 +1,7 @@
 """Fine-tuning (issue 3, DESIGN.md 2.7 and 4.7): warm-up callback, gradient checkpointing, PEFT, Trainer, DDP."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -272,6 +273,15 @@ def test_ramp_callback_alpha_values_and_logs(tmp_path, image_dataset, collator):
     assert model.flex_training_progress is None  # cleared at the end: alpha 1 again
 
 
+def test_a_ramp_that_never_reaches_one_is_called_out(tmp_path, image_dataset, collator, caplog):
+    """0.03 is a learning-rate warmup ratio, not a blend ramp: alpha would stay near 0.03 for the whole run."""
+    model = flex_model(high_res_ramp=0.03)
+    args = training_args(tmp_path, max_steps=1)
+    with caplog.at_level(logging.WARNING):
+        flex_trainer(model, args, image_dataset, collator).train()
+    assert "flex_high_res_ramp=0.03 over 1 epoch(s): alpha only reaches 0.03 by the end of training" in caplog.text
+
+
 def test_find_flex_model_unwraps_wrappers():
     model = flex_model()
     peft_model = get_peft_model(model, LoraConfig(target_modules=lora_target_modules()))
@@ -431,6 +441,7 @@ def test_example_runs_under_torchrun_with_two_cpu_processes(tmp_path):
     assert state["global_step"] == 4 and state["epoch"] == pytest.approx(2.0)
     assert (output / "adapter_model.safetensors").exists()
     assert result.stdout.count("(training answer:") == 1  # only rank 0 reloads and generates
+    assert "find_unused_parameters=True was specified" not in result.stderr  # no warning a user cannot act on
 
 
 def test_unused_high_res_projections_still_get_a_gradient(processor):
