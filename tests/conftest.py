@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pathlib
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +11,17 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hf_flexattention.tiny import build_tiny_processor  # noqa: E402
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    """An `examples/` script imported as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

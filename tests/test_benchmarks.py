@@ -1,22 +1,11 @@
 """The benchmark and cost command lines: bad input stops before any work with a message naming the fix; each runs
 end to end on a tiny model and prints its table."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
 from hf_flexattention import cost
 
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_example
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """Every entry point loads a FlexAttention checkpoint as one (issue 13.1): its class, trained hr projections and
 settings; a setting changes only when asked, with a warning; a stock checkpoint is patched."""
 
-import importlib.util
 import logging
-import pathlib
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from hf_flexattention.hub import save_pretrained
 from hf_flexattention.loading import flex_settings, load_flex_model, load_flex_processor
 from hf_flexattention.tiny import build_tiny_llava
 
-from .conftest import make_image
+from .conftest import load_example, make_image
 
 
 SAVED = {"n_fa": 3, "threshold": 0.3, "selection": "threshold", "high_res_ramp": 4.0}
@@ -96,15 +94,7 @@ def test_the_demo_runs_a_flex_checkpoint_with_its_own_settings(flex_checkpoint, 
 
 def test_the_benchmark_and_the_training_example_keep_a_flex_checkpoint(flex_checkpoint):
     folder, trained = flex_checkpoint
-    examples = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-    def example(name):
-        spec = importlib.util.spec_from_file_location(name, examples / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    benchmark = example("benchmark")
+    benchmark = load_example("benchmark")
     args = benchmark.parse_args(["--model", str(folder)])
     runner = benchmark.Runner(benchmark.load(args, torch.float32).model, args)
     runner.use(False)  # the stock baseline: no hr projections
@@ -114,7 +104,7 @@ def test_the_benchmark_and_the_training_example_keep_a_flex_checkpoint(flex_chec
     for name, value in high_res_weights(runner.model).items():
         assert torch.equal(value, trained[name]), name
 
-    train_lora = example("train_lora")
+    train_lora = load_example("train_lora")
     script_args, _ = train_lora.parse_arguments(["--model", str(folder), "--output-dir", str(folder / "out")])
     model = train_lora.load_base(script_args)
     assert {name: flex_settings(model)[name] for name in SAVED} == SAVED
