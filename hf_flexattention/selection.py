@@ -180,27 +180,6 @@ def token_cells(selection_grid: int, high_res_grid: int, device: torch.device | 
     return (index[:, None] * selection_grid + index[None, :]).flatten()
 
 
-def cell_tokens(
-    selection_grid: int, high_res_grid: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The high-res tokens of each coarse cell, padded to the largest cell.
-
-    Returns:
-        `(tokens (s * s, b) long, valid (s * s, b) bool)` with `b` the most tokens a cell has (`(G / s)**2` when `s`
-        divides `G`, and then every entry is valid); padding entries repeat a token of the cell and are invalid.
-    """
-    owner = token_cells(selection_grid, high_res_grid, device)
-    cells = selection_grid * selection_grid
-    counts = torch.bincount(owner, minlength=cells)
-    width = int(counts.max())
-    order = torch.argsort(owner, stable=True)  # tokens grouped by cell, ascending within each cell
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(width, device=owner.device)
-    valid = slot < counts[:, None]
-    position = starts[:, None] + torch.minimum(slot, counts[:, None] - 1).clamp(min=0)
-    return order[position], valid
-
-
 def select_high_res_tokens(
     attention: torch.Tensor,
     *,
