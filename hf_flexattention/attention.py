@@ -43,6 +43,31 @@ def base_implementation_name(name: str) -> str:
     return name.removeprefix(FLEX_ATTENTION_PREFIX)
 
 
+class FlexAttentionConfig:
+    """What a patched language model's attention modules see as their `config`: the language model's config, except
+    that `_attn_implementation` names the FlexAttention wrapper of the implementation that config holds.
+
+    The model's own configs keep reporting `"sdpa"` or `"eager"`, which is what transformers, PEFT, TRL and
+    accelerate compare against (e.g. `output_attentions` needs `"eager"`), and this view follows the config when
+    `set_attn_implementation` changes it. Reads and writes of anything else go to the config itself.
+    """
+
+    def __init__(self, text_config) -> None:
+        object.__setattr__(self, "text_config", text_config)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return flex_implementation_name(base_implementation_name(self.text_config._attn_implementation or "sdpa"))
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "text_config":  # copy/pickle probes, and before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.text_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.text_config, name, value)
+
+
 def _eager_attention_of(module: torch.nn.Module):
     """The backbone's own eager attention function (the one its module falls back to)."""
     return sys.modules[type(module).__module__].eager_attention_forward
@@ -180,7 +205,7 @@ def _with_zero_high_res_gradient(module: torch.nn.Module, attn_output: torch.Ten
     of every trainable parameter; a batch in which no row selected a high-res token would otherwise hang it.
     Calling the modules (not their weights) also reaches LoRA and `modules_to_save` wrappers.
     """
-    probe = attn_output.new_zeros(1, module.config.hidden_size)
+    probe = attn_output.new_zeros(1, module.hr_k_proj.in_features)
     return attn_output + 0.0 * (module.hr_k_proj(probe).sum() + module.hr_v_proj(probe).sum())
 
 
@@ -192,6 +217,7 @@ def flex_attention_forward(
     attention_mask: torch.Tensor | None,
     *,
     base_attention,
+    returns_weights: bool = False,
     flex_call: FlexCall | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,6 +225,9 @@ def flex_attention_forward(
 
     Same contract as any `AttentionInterface` function: `query` `(batch, heads, q, head_dim)`, `key`/`value`
     `(batch, kv_heads, kv, head_dim)` (post-RoPE, post-cache), returns `((batch, q, heads, head_dim), weights)`.
+    `weights` are the backbone's (None for `sdpa`; for `eager`, `(batch, heads, q, kv)` over the sequence, which
+    for high-res rows leaves out the high-res tokens: they are not sequence positions). `returns_weights` makes a
+    decode step in a FlexAttention layer run the backbone's call too, so that those weights exist.
     """
     layer_idx = getattr(module, "layer_idx", None)
     flex_layer = flex_call is not None and flex_call.is_flex_layer(layer_idx) and hasattr(module, "hr_k_proj")
@@ -211,10 +240,11 @@ def flex_attention_forward(
 
     batch, heads, _, head_dim = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
-    # A decode step's rows are its queries: compute them here alone, unless something needs the backbone's call.
+    # A decode step's rows are its queries: compute them here alone, unless something needs the backbone's call
+    # (eager's contract returns the attention weights, which `output_attentions` collects).
     rows_are_queries = flex_call.row_index is None and flex_call.alpha == 1.0
     attn_output = attn_weights = None
-    if not rows_are_queries or kwargs.get("output_attentions"):
+    if not rows_are_queries or returns_weights:
         attn_output, attn_weights = base_attention(module, query, key, value, attention_mask, **kwargs)
 
     scaling = kwargs.get("scaling") or head_dim**-0.5
@@ -271,7 +301,14 @@ def _flex_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 def _flex_eager(module, query, key, value, attention_mask, **kwargs):
     return flex_attention_forward(
-        module, query, key, value, attention_mask, base_attention=_eager_attention_of(module), **kwargs
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        base_attention=_eager_attention_of(module),
+        returns_weights=True,
+        **kwargs,
     )
 
 

@@ -17,8 +17,8 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import (
+    FlexAttentionConfig,
     base_implementation_name,
-    flex_implementation_name,
     register_flex_attention,
 )
 from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION, FlexLlavaConfig
@@ -31,6 +31,18 @@ logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 HIGH_RES_PROJECTIONS = {"hr_k_proj": "k_proj", "hr_v_proj": "v_proj"}
+
+
+def _is_llava_config(config) -> bool:
+    return hasattr(config, "vision_config") and hasattr(config, "text_config")
+
+
+def _unservable_config(config) -> ValueError:
+    return ValueError(
+        f"FlexLlavaForConditionalGeneration cannot be built from a {type(config).__name__}: it needs a Llava config "
+        "(a `vision_config` and a `text_config`). Load a Llava checkpoint (`llava` or `flex_llava`), or patch a "
+        "loaded LlavaForConditionalGeneration with `patch_model`."
+    )
 
 
 def text_decoder_layers(model: LlavaForConditionalGeneration) -> nn.ModuleList:
@@ -67,7 +79,14 @@ def sync_high_res_projections(model: LlavaForConditionalGeneration, n_fa: int) -
 
 
 def install_flex_attention(model: LlavaForConditionalGeneration) -> None:
-    """Route the language model's attention through FlexAttention, keeping its `sdpa`/`eager` implementation."""
+    """Route the language model's attention through FlexAttention, keeping its `sdpa`/`eager` implementation.
+
+    Each decoder layer's attention module gets a `FlexAttentionConfig` view of the language model's config, whose
+    `_attn_implementation` names the FlexAttention wrapper; the configs themselves keep reporting `sdpa`/`eager`.
+
+    Raises:
+        ValueError: for another implementation (flash attention, flex_attention, ...), naming the supported ones.
+    """
     text_config = model.config.text_config
     current = text_config._attn_implementation or "sdpa"
     base = base_implementation_name(current)
@@ -77,7 +96,20 @@ def install_flex_attention(model: LlavaForConditionalGeneration) -> None:
             f"{SUPPORTED_BASE_ATTENTION}. Load the model with attn_implementation='sdpa' (or call "
             "`model.set_attn_implementation({'text_config': 'sdpa'})`) before patching."
         )
-    text_config._attn_implementation_internal = flex_implementation_name(base)
+    if current != base:  # a config from an earlier plugin version that stored the wrapper's name
+        text_config._attn_implementation_internal = base
+    for layer in text_decoder_layers(model):
+        attention = layer.self_attn
+        if not isinstance(attention.config, FlexAttentionConfig) or attention.config.text_config is not text_config:
+            attention.config = FlexAttentionConfig(text_config)
+
+
+def uninstall_flex_attention(model: LlavaForConditionalGeneration) -> None:
+    """Give the attention modules their language model's config back (undoes `install_flex_attention`; also the
+    view installed by another copy of this file, as remote code loads one)."""
+    text_config = model.config.text_config
+    for layer in text_decoder_layers(model):
+        layer.self_attn.config = text_config
 
 
 class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -102,27 +134,41 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     config_class = FlexLlavaConfig
 
     def __init__(self, config: FlexLlavaConfig):
+        if not _is_llava_config(config):
+            raise _unservable_config(config)
         super().__init__(config)
         sync_high_res_projections(self, config.flex_n_fa)
         install_flex_attention(self)
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: weights are initialised by transformers' own Llava/CLIP `_init_weights` (which respects what was
+        loaded), so missing weights get the stock scheme. transformers would otherwise treat this class (registered
+        for remote code) as custom code, and skip e.g. CLIP's attention init for weights missing from a checkpoint."""
+        return False
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Load like any transformers model; from a stock Llava checkpoint the hr projections copy k/v."""
+        """Load like any transformers model; from a stock Llava checkpoint the hr projections copy k/v.
+
+        Raises:
+            ValueError: for a checkpoint whose config is not a Llava config (this class cannot serve it).
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = set(loading_info.get("missing_keys", ()))
-        initialised = model._copy_missing_high_res_projections(missing)
-        if initialised:
+        copied = model._copy_missing_high_res_projections(missing)
+        if copied:
             loading_info["missing_keys"] = type(loading_info["missing_keys"])(
-                key for key in loading_info["missing_keys"] if key not in initialised
+                key for key in loading_info["missing_keys"] if key not in copied
             )
-            logger.info(f"Initialised {len(initialised)} high-res projection tensors from k_proj/v_proj.")
+            logger.info(f"Initialised {len(copied)} high-res projection tensors from k_proj/v_proj.")
         return (model, loading_info) if output_loading_info else model
 
     def _copy_missing_high_res_projections(self, missing_keys: set[str]) -> set[str]:
-        """Copy `k_proj`/`v_proj` into hr projections the checkpoint did not contain; return their keys."""
-        initialised = set()
+        """Copy `k_proj`/`v_proj` into hr projections the checkpoint did not contain; return the keys that now hold
+        loaded weights (an hr projection whose source was missing too stays missing: nothing real was copied)."""
+        copied = set()
         prefix = "model.language_model.layers"
         for index, layer in enumerate(text_decoder_layers(self)):
             for name, source in HIGH_RES_PROJECTIONS.items():
@@ -134,8 +180,10 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     original = getattr(layer.self_attn, source)
                     with torch.no_grad():
                         projection.load_state_dict(original.state_dict())
-                    initialised |= keys
-        return initialised
+                    source_keys = {f"{prefix}.{index}.self_attn.{source}.{p}" for p, _ in original.named_parameters()}
+                    if not source_keys & missing_keys:
+                        copied |= keys
+        return copied
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a FlexAttention model card (`README.md`) if the folder has none."""
@@ -200,17 +248,54 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         with torch.no_grad():
             return encode_high_res_features(encode_tiles, high_res_pixel_values, tile_size)
 
+    def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`(batch, length)` bool: where the image tokens are; in `inputs_embeds`, the rows equal to the image token's
+        embedding (how stock Llava's `get_placeholder_mask` finds them)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.full((), self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
+
+    def _check_input_types(
+        self, pixel_values, high_res_pixel_values, original_image_sizes, flex_answer_start, mm_encoder_outputs
+    ) -> None:
+        """Type checks of the FlexAttention inputs, and the pairing of `pixel_values` with `high_res_pixel_values`."""
+        if high_res_pixel_values is not None and not isinstance(high_res_pixel_values, torch.Tensor):
+            raise TypeError(
+                "`high_res_pixel_values` must be a (n_images, 3, H, W) torch.Tensor, as FlexLlavaProcessor returns "
+                f"with return_tensors='pt'; got {type(high_res_pixel_values).__name__}."
+            )
+        if original_image_sizes is not None and (
+            not isinstance(original_image_sizes, torch.Tensor) or original_image_sizes.is_floating_point()
+        ):
+            raise TypeError(
+                "`original_image_sizes` must be an integer (n_images, 2) torch.Tensor of (height, width), as "
+                f"FlexLlavaProcessor returns; got {type(original_image_sizes).__name__}."
+            )
+        if flex_answer_start is not None and (
+            isinstance(flex_answer_start, bool) or not isinstance(flex_answer_start, int)
+        ):
+            raise TypeError(f"`flex_answer_start` must be an int (a sequence index), got {flex_answer_start!r}.")
+        if high_res_pixel_values is not None and pixel_values is None and mm_encoder_outputs is None:
+            raise ValueError(
+                "`high_res_pixel_values` was given without `pixel_values`: the image tokens would hold no image. Pass "
+                "both, as FlexLlavaProcessor returns them (`model(**processor(images=..., text=...))`)."
+            )
+        if pixel_values is not None and high_res_pixel_values is None and self.config.flex_n_fa > 0:
+            logger.warning_once(
+                "This FlexAttention model got `pixel_values` without `high_res_pixel_values`, so it runs as the stock "
+                "low-res model. Preprocess with FlexLlavaProcessor (`hf_flexattention.loading.load_flex_processor`, "
+                "or `FlexLlavaProcessor.from_llava_processor(processor)`) to use the high-res image."
+            )
+
     def _validate_high_res_inputs(
-        self, input_ids: torch.Tensor | None, high_res_pixel_values: torch.Tensor, original_image_sizes
+        self, image_mask: torch.Tensor, high_res_pixel_values: torch.Tensor, original_image_sizes
     ) -> torch.Tensor:
         """Check the high-res inputs against the prompt; return the `(batch,)` image index of each sequence."""
-        if input_ids is None:
+        if high_res_pixel_values.ndim != 4:
             raise ValueError(
-                "`high_res_pixel_values` needs `input_ids` (to locate the image tokens), not `inputs_embeds`."
-            )
-        if not isinstance(high_res_pixel_values, torch.Tensor) or high_res_pixel_values.ndim != 4:
-            raise TypeError(
-                "`high_res_pixel_values` must be a (n_images, 3, H, W) tensor, as returned by FlexLlavaProcessor."
+                "`high_res_pixel_values` must be a (n_images, 3, H, W) tensor, as returned by FlexLlavaProcessor; got "
+                f"shape {tuple(high_res_pixel_values.shape)}."
             )
         expected = self.config.flex_zoom * self.config.vision_config.image_size
         if tuple(high_res_pixel_values.shape[-2:]) != (expected, expected):
@@ -220,7 +305,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"{expected}: preprocess with FlexLlavaProcessor (same zoom) or re-patch with a matching zoom."
             )
         tokens_per_image = self.config.low_res_grid**2
-        image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
+        image_tokens = image_mask.sum(dim=1)
         if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
             raise ValueError(
                 f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (one image per sample), got "
@@ -242,7 +327,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _build_state(
         self,
-        input_ids: torch.Tensor,
+        image_mask: torch.Tensor,
         position_ids: torch.Tensor | None,
         high_res_pixel_values: torch.Tensor,
         original_image_sizes: torch.Tensor | None,
@@ -250,16 +335,15 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vision_feature_select_strategy,
     ) -> FlexState | None:
         """Encode the high-res images and lay out everything the decode steps need (prefill; host syncs allowed)."""
-        sample_image = self._validate_high_res_inputs(input_ids, high_res_pixel_values, original_image_sizes)
+        sample_image = self._validate_high_res_inputs(image_mask, high_res_pixel_values, original_image_sizes)
         if high_res_pixel_values.shape[0] == 0:
             return None
         config = self.config
-        batch, device = input_ids.shape[0], input_ids.device
+        batch, device = image_mask.shape[0], image_mask.device
         image_rows = (sample_image >= 0).nonzero().squeeze(1)
-        is_image_token = input_ids[image_rows] == config.image_token_id
-        image_positions = is_image_token.nonzero()[:, 1].view(len(image_rows), -1)
+        image_positions = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=device)[None]
+            position_ids = torch.arange(image_mask.shape[1], device=device)[None]
         rotary_positions = position_ids.expand(batch, -1)[image_rows].gather(1, image_positions)
 
         # generate repeats each sample for every beam / returned sequence: keep one copy of each (image, position).
@@ -370,6 +454,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _prepare_flex_call(
         self,
         input_ids,
+        inputs_embeds,
         attention_mask,
         position_ids,
         cache,
@@ -389,7 +474,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.config.flex_n_fa == 0:
             return None, cache
         past_length = cache.get_seq_length() if cache is not None else 0
-        q_length = (input_ids if input_ids is not None else attention_mask).shape[1]
+        q_length = next(t for t in (input_ids, inputs_embeds, attention_mask) if t is not None).shape[1]
         if high_res_pixel_values is not None:
             if bool(past_length > 0):
                 raise ValueError(
@@ -397,7 +482,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     "holds tokens: start generation from an empty cache."
                 )
             state = self._build_state(
-                input_ids,
+                self._image_token_mask(input_ids, inputs_embeds),
                 position_ids,
                 high_res_pixel_values,
                 original_image_sizes,
@@ -494,9 +579,13 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
                 "labels must align token by token with input_ids (-100 where no loss is wanted)."
             )
+        self._check_input_types(
+            pixel_values, high_res_pixel_values, original_image_sizes, flex_answer_start, mm_encoder_outputs
+        )
         use_cache = kwargs.get("use_cache", self.config.text_config.use_cache)
         flex_call, cache = self._prepare_flex_call(
             input_ids,
+            inputs_embeds,
             attention_mask,
             position_ids,
             cache,

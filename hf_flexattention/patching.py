@@ -17,10 +17,10 @@ from .modeling_flex_llava import (
     install_flex_attention,
     sync_high_res_projections,
     text_decoder_layers,
+    uninstall_flex_attention,
 )
 
 
-SUPPORTED_MODEL_CLASSES = (LlavaForConditionalGeneration,)
 _ORIGINAL_CLASSES = "_flex_original_classes"
 _ORIGINAL_CONFIG_ENTRIES = "_flex_original_config_entries"
 # Config entries that patching or saving the patched model changes on the instance: `model_type` (loaded configs
@@ -47,10 +47,7 @@ def _reject_peft(model) -> None:
 
 
 def _check_supported(model) -> None:
-    if not isinstance(model, SUPPORTED_MODEL_CLASSES) or type(model) not in (
-        LlavaForConditionalGeneration,
-        FlexLlavaForConditionalGeneration,
-    ):
+    if not is_patched(model) and type(model) is not LlavaForConditionalGeneration:
         raise TypeError(
             f"patch_model supports LlavaForConditionalGeneration models (LLaVA-1.5 style, one image grid, with a "
             f"Llama, Mistral or Qwen2 language model); got {type(model).__name__}. Load the checkpoint with "
@@ -179,6 +176,7 @@ def unpatch_model(model: FlexLlavaForConditionalGeneration) -> LlavaForCondition
         model, _ORIGINAL_CLASSES, (LlavaForConditionalGeneration, LlavaConfig, None)
     )
     sync_high_res_projections(model, 0)
+    uninstall_flex_attention(model)
     config = model.config
     for name in _flex_fields():
         config.__dict__.pop(name, None)
@@ -200,5 +198,17 @@ def unpatch_model(model: FlexLlavaForConditionalGeneration) -> LlavaForCondition
 
 
 def is_patched(model) -> bool:
-    """Whether `model` is a FlexAttention model (patched in place, or loaded as one)."""
-    return isinstance(model, FlexLlavaForConditionalGeneration)
+    """Whether `model` is a FlexAttention model: patched in place, loaded as one, or loaded as remote code.
+
+    A checkpoint loaded with `trust_remote_code=True` before `import hf_flexattention` has another copy of
+    `FlexLlavaForConditionalGeneration` as its class (from the checkpoint's files), so models are recognised by what
+    they are (a Llava model whose config has `model_type="flex_llava"` and that encodes high-res images), not by the
+    identity of this package's class.
+    """
+    if isinstance(model, FlexLlavaForConditionalGeneration):
+        return True
+    return (
+        isinstance(model, LlavaForConditionalGeneration)
+        and getattr(model.config, "model_type", None) == FlexLlavaConfig.model_type
+        and callable(getattr(model, "encode_high_res", None))
+    )

@@ -8,13 +8,11 @@ with, and the prompt is expanded to the low-res token count only.
 Shipped as remote code with saved checkpoints: torch, transformers, PIL and relative imports only.
 """
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, LlavaProcessor
-from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
 
 from .configuration_flex_llava import FlexLlavaConfig
 
@@ -30,28 +28,27 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def _flatten_images(images) -> list[Image.Image]:
-    if images is None:
-        return []
-    if isinstance(images, Image.Image):
-        return [images]
-    flat = []
-    for item in images:
-        if isinstance(item, Image.Image):
-            flat.append(item)
-        elif isinstance(item, Sequence) and not isinstance(item, str):
-            if len(item) > 1:
-                raise ValueError(
-                    f"A sample has {len(item)} images, but FlexAttention supports one image per sample: split it."
-                )
-            flat.extend(_flatten_images(item))
-        else:
-            raise TypeError(f"Images must be PIL images, got {type(item).__name__}; open files with PIL.Image.open.")
-    return flat
+def _square_side(size: dict | None, name: str) -> int | None:
+    """The side of a square `size`/`crop_size` dict, None for a `shortest_edge` or absent one."""
+    if size is None:
+        return None
+    size = dict(size)
+    if "height" in size or "width" in size:
+        if size.get("height") != size.get("width"):
+            raise ValueError(
+                f"FlexAttention needs a square vision-tower input, got {name}={size}: use equal height and width."
+            )
+        return size["height"]
+    return size.get("shortest_edge")
 
 
 class FlexLlavaProcessor(LlavaProcessor):
     """Processor for [`FlexLlavaForConditionalGeneration`]: prompts, low-res and high-res pixels, original sizes.
+
+    A [`LlavaProcessor`] in everything but the image step, so it takes the inputs and options the stock one does:
+    PIL images, numpy arrays, tensors, paths and URLs; `images_kwargs` / `text_kwargs` or flat keyword options
+    (`do_normalize`, `image_mean`, `padding`, `max_length`, ...); chat templates; and it refuses a truncation
+    that would cut image tokens.
 
     Args:
         zoom (`int`, *optional*, defaults to 3):
@@ -114,80 +111,106 @@ class FlexLlavaProcessor(LlavaProcessor):
         )
 
     @property
+    def model_input_names(self) -> list[str]:
+        return [*super().model_input_names, "high_res_pixel_values", "original_image_sizes"]
+
+    def low_res_side(self, **images_kwargs) -> int:
+        """The vision tower's input side, in pixels: the crop size (as overridden by `images_kwargs`).
+
+        Raises:
+            ValueError: for a non-square crop, or a resize `size` that differs from the crop (FlexAttention maps the
+                whole padded image onto the high-res canvas, so nothing may be cropped away).
+        """
+        crop = images_kwargs.get("crop_size") or self.image_processor.crop_size
+        size = images_kwargs.get("size") or self.image_processor.size
+        crop_side, size_side = _square_side(crop, "crop_size"), _square_side(size, "size")
+        if crop_side is not None and size_side is not None and crop_side != size_side:
+            raise ValueError(
+                f"size={dict(size)} and crop_size={dict(crop)} differ: the stock processor would crop the image, and "
+                "FlexAttention needs the whole padded image. Give them the same side."
+            )
+        side = crop_side if crop_side is not None else size_side
+        if side is None:
+            raise ValueError("The image processor has neither `crop_size` nor `size`: set the vision tower's side.")
+        return side
+
+    @property
     def low_res_size(self) -> int:
         """The vision tower's input side (the image processor's crop size)."""
-        crop = self.image_processor.crop_size
-        return crop["height"] if crop is not None else self.image_processor.size["shortest_edge"]
+        return self.low_res_side()
+
+    def _num_image_tokens(self, low_res_side: int) -> int:
+        count = (low_res_side // self.patch_size) ** 2 + self.num_additional_image_tokens
+        return count - 1 if self.vision_feature_select_strategy == "default" else count
 
     @property
     def num_image_tokens(self) -> int:
         """Image tokens each `<image>` expands to (the low-res grid, plus the extra tokens of the strategy)."""
-        count = (self.low_res_size // self.patch_size) ** 2 + self.num_additional_image_tokens
-        return count - 1 if self.vision_feature_select_strategy == "default" else count
+        return self._num_image_tokens(self.low_res_size)
 
-    def _pixel_values(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        mean = self.image_processor.image_mean
-        fill = tuple(int(channel * 255) for channel in mean)
-        sizes, padded = [], []
-        for image in images:
-            image = image.convert("RGB")
-            sizes.append((image.height, image.width))
-            padded.append(pad_to_square(image, fill))
-        high_res_side = self.zoom * self.low_res_size
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
+        """`LlavaProcessor`'s checks, plus FlexAttention's one image per sample.
+
+        Raises:
+            ValueError: a prompt with more than one `<image>`, or a sample given several images.
+        """
+        if images is not None and isinstance(images, (list, tuple)):
+            for item in images:
+                if isinstance(item, (list, tuple)) and len(item) > 1:
+                    raise ValueError(
+                        f"A sample has {len(item)} images, but FlexAttention supports one image per sample: split it."
+                    )
+        if text is not None and self.image_token is not None:
+            per_sample = [sample.count(self.image_token) for sample in ([text] if isinstance(text, str) else text)]
+            if any(count > 1 for count in per_sample):
+                raise ValueError(
+                    f"Each prompt may hold at most one {self.image_token!r} (one image per sample), got {per_sample}."
+                )
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _process_images(self, images, **kwargs) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Both views of each image, and the prompt text each `<image>` becomes (the low-res tokens only).
+
+        Each image is padded to a square with the image processor's mean colour (LLaVA-1.5 "pad", the image
+        processor's own `do_pad`), resized to `zoom` times the vision tower's side and preprocessed with every
+        option given (`do_normalize`, `image_mean`, `resample`, ...): `high_res_pixel_values`. The low-res view is
+        the bilinear, antialiased downsample of that tensor, as the released FlexAttention checkpoint was trained.
+
+        Returns:
+            (`{"pixel_values": (n, 3, S, S), "high_res_pixel_values": (n, 3, zoom * S, zoom * S),
+            "original_image_sizes": (n, 2) long (height, width) before padding}`, one replacement string per image).
+
+        Raises:
+            ValueError: `do_pad=False` or `do_resize=False` (the high-res geometry needs the padded, resized square).
+        """
+        for option in ("do_pad", "do_resize"):
+            if kwargs.get(option) is False:
+                raise ValueError(
+                    f"FlexLlavaProcessor cannot honour {option}=False: the high-res tokens are laid out on the whole "
+                    "image padded to a square and resized to `zoom` times the vision tower's side. Drop the option."
+                )
+        flat = make_flat_list_of_images(images)
+        channel_dim = kwargs.get("input_data_format")
+        sizes = [get_image_size(to_numpy_array(image), channel_dim=channel_dim) for image in flat]
+        side = self.low_res_side(**kwargs)
+        high_res_side = self.zoom * side
+        options = {key: value for key, value in kwargs.items() if key not in ("size", "crop_size", "return_tensors")}
         high_res = self.image_processor(
-            padded,
+            flat,
+            **options,
+            do_pad=True,
+            do_resize=True,
             size={"shortest_edge": high_res_side},
             crop_size={"height": high_res_side, "width": high_res_side},
             return_tensors="pt",
         )["pixel_values"]
-        low_res = F.interpolate(high_res, size=(self.low_res_size,) * 2, mode="bilinear", antialias=True)
-        return {
+        low_res = F.interpolate(high_res, size=(side, side), mode="bilinear", antialias=True)
+        processed = {
             "pixel_values": low_res,
             "high_res_pixel_values": high_res,
-            "original_image_sizes": torch.tensor(sizes, dtype=torch.long),
+            "original_image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
         }
-
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
-        """Tokenise `text` (one `<image>` per image, at most one per sample) and preprocess `images`.
-
-        Args:
-            images: a PIL image, or a list of them (or of one-image lists) in the order of the prompts' `<image>`
-                placeholders; text-only prompts take none. Any mode and size: each image is padded to a square with
-                the image processor's mean colour, as LLaVA-1.5 does.
-            text: a prompt or a list of prompts; `<image>` expands to the vision tower's `N` low-res tokens.
-            **kwargs: tokenizer arguments (`padding`, `return_tensors`, ...).
-
-        Returns:
-            A `BatchFeature` with `input_ids` and `attention_mask` `(batch, length)` and, when there are images,
-            `pixel_values` `(n_images, 3, S, S)` (the low-res view, `S` the vision tower's input size, 336 for
-            LLaVA-1.5), `high_res_pixel_values` `(n_images, 3, zoom * S, zoom * S)` and `original_image_sizes`
-            `(n_images, 2)` long, each image's (height, width) in pixels before padding.
-
-        Raises:
-            ValueError: without `text`, with more than one `<image>` in a prompt (or images in one sample), or when
-                the placeholders and the images do not pair up.
-            TypeError: for images that are not PIL images (open files with `PIL.Image.open`).
-        """
-        if text is None:
-            raise ValueError("FlexLlavaProcessor needs `text` with one `<image>` placeholder per image.")
-        texts = [text] if isinstance(text, str) else list(text)
-        flat_images = _flatten_images(images)
-        per_sample = [sample.count(self.image_token) for sample in texts]
-        if any(count > 1 for count in per_sample):
-            raise ValueError(
-                f"Each prompt may hold at most one {self.image_token!r} (one image per sample), got {per_sample}."
-            )
-        if sum(per_sample) != len(flat_images):
-            raise ValueError(
-                f"The prompts hold {sum(per_sample)} {self.image_token!r} placeholders but {len(flat_images)} "
-                "images were given: pass exactly one image per placeholder, in order."
-            )
-        return_tensors = kwargs.pop("return_tensors", None)
-        expanded = [sample.replace(self.image_token, self.image_token * self.num_image_tokens) for sample in texts]
-        data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **kwargs))
-        if flat_images:
-            data.update(self._pixel_values(flat_images))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return processed, [self.image_token * self._num_image_tokens(side)] * len(flat)
 
 
 FlexLlavaProcessor.register_for_auto_class("AutoProcessor")

@@ -42,6 +42,25 @@ def processor():
     return build_tiny_processor()
 
 
+# The chat template that llava-hf/llava-1.5-*-hf processors ship (assistant turns end with a space, no EOS).
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def template_processor():
+    processor = build_tiny_processor()
+    processor.chat_template = LLAVA_HF_TEMPLATE
+    return processor
+
+
 PROMPTS = (
     "USER: <image>\nwhat is in the image ? ASSISTANT:",
     "USER: <image>\nwhat color is the sign ? ASSISTANT:",

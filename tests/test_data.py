@@ -13,21 +13,10 @@ from hf_flexattention.data import (
     LlavaSample,
     write_colour_dataset,
 )
-from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_llava, build_tiny_processor
+from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_llava
 
 from .conftest import make_image
 
-
-# The chat template that llava-hf/llava-1.5-*-hf processors ship (assistant turns end with a space, no EOS).
-LLAVA_HF_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 MULTI_TURN = [
     {"from": "human", "value": "<image>\nwhat color is the sign ?"},
@@ -36,13 +25,6 @@ MULTI_TURN = [
     {"from": "gpt", "value": "no"},
 ]
 TEXT_ONLY = [{"from": "human", "value": "what is two and three ?"}, {"from": "gpt", "value": "five"}]
-
-
-@pytest.fixture(scope="module")
-def template_processor():
-    processor = build_tiny_processor()
-    processor.chat_template = LLAVA_HF_TEMPLATE
-    return processor
 
 
 @pytest.fixture(params=["v1", "chat_template"])

@@ -188,7 +188,8 @@ def test_select_all_equals_dense_reference(backbone, with_labels, values, single
 def test_eager_and_sdpa_agree(batch_inputs):
     _, eager = stock_and_patched(attn_implementation="eager")
     _, sdpa = stock_and_patched(attn_implementation="sdpa")
-    assert eager.config.text_config._attn_implementation == "flexattn_eager"
+    assert eager.config.text_config._attn_implementation == "eager"  # what the ecosystem compares against
+    assert eager.model.language_model.layers[0].self_attn.config._attn_implementation == "flexattn_eager"
     real = batch_inputs["attention_mask"].bool()  # padding rows attend to nothing: each kernel fills them its own way
     torch.testing.assert_close(logits(eager, batch_inputs)[real], logits(sdpa, batch_inputs)[real], atol=ATOL, rtol=0)
 

@@ -92,7 +92,8 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path, single_inputs):
             0.3,
             4,
         )
-        assert loaded.config.text_config._attn_implementation == "flexattn_sdpa"
+        assert loaded.config.text_config._attn_implementation == "sdpa"
+        assert loaded.model.language_model.layers[0].self_attn.config._attn_implementation == "flexattn_sdpa"
         assert_state_dicts_identical(loaded, model)
         with torch.no_grad():
             assert torch.equal(loaded(**single_inputs).logits, model(**single_inputs).logits)
@@ -127,7 +128,8 @@ def test_flex_checkpoint_loads_into_the_stock_class(tmp_path):
 def test_set_attn_implementation_keeps_flex_attention(single_inputs):
     model = patch_model(build_tiny_llava(), n_fa=2)
     model.set_attn_implementation("eager")
-    assert model.config.text_config._attn_implementation == "flexattn_eager"
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.model.language_model.layers[-1].self_attn.config._attn_implementation == "flexattn_eager"
     trace = []
     with torch.no_grad():
         model(**single_inputs, flex_trace=trace)
@@ -210,11 +212,15 @@ def test_bad_high_res_inputs_raise_with_the_fix(single_inputs, batch_inputs):
         model(**wrong_count)
     ids = torch.cat([single_inputs["input_ids"], single_inputs["input_ids"]], dim=1)
     with pytest.raises(ValueError, match="one image per sample"):
-        model(input_ids=ids, high_res_pixel_values=single_inputs["high_res_pixel_values"])
+        model(
+            input_ids=ids,
+            pixel_values=torch.cat([single_inputs["pixel_values"]] * 2),
+            high_res_pixel_values=single_inputs["high_res_pixel_values"],
+        )
     with pytest.raises(ValueError, match="align token by token"):
         model(**single_inputs, labels=single_inputs["input_ids"][:, :-1])
-    with pytest.raises(TypeError, match="tensor"):
-        model(input_ids=single_inputs["input_ids"], high_res_pixel_values=[1, 2])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model(**dict(single_inputs, high_res_pixel_values=[1, 2]))
 
 
 def test_a_loaded_model_patched_saved_and_unpatched_gets_its_config_back(tmp_path):
