@@ -13,7 +13,8 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import (
@@ -554,7 +555,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         high_res_pixel_values: torch.Tensor | None = None,
         original_image_sizes: torch.Tensor | None = None,
         flex_answer_start: int | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         r"""
         The stock Llava forward, plus:

@@ -4,6 +4,9 @@ import pytest
 import torch
 from transformers import CompileConfig, StaticCache
 
+from hf_flexattention import unpatch_model
+
+from .conftest import make_image
 from .test_generate import NEW_TOKENS, flex_model, greedy
 
 
@@ -68,3 +71,40 @@ def test_a_reset_static_cache_forgets_the_image(single_inputs, processor):
     assert torch.equal(fresh.sequences, reused.sequences)
     # The reused cache is longer than the fresh one: the same attention over more (masked) slots, rounding only.
     torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), atol=1e-6, rtol=0)
+
+
+def _graph_breaks(model, inputs, cache) -> list[str]:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.forward)(**inputs, cache=cache, use_cache=True)
+    return [reason.reason.split("\n")[0] for reason in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text-only", "low-res-image"])
+def test_calls_without_high_res_inputs_compile_as_the_stock_ones(processor, with_image):
+    """Without high-res inputs the model is the stock one and compiles like it (`_can_compile_fullgraph`): no branch on
+    a static cache's length (a tensor). A decode step and a text-only prefill are one graph; a prefill with an image
+    breaks exactly where stock Llava's does (its placeholder check and vision tower), nowhere else."""
+    model = flex_model()
+    stock = unpatch_model(flex_model())
+    prompt = (
+        "USER: <image>\nwhat color is the sign ? ASSISTANT:" if with_image else "USER: how many trees ? ASSISTANT:"
+    )
+    inputs = processor(images=make_image(1) if with_image else None, text=prompt, return_tensors="pt")
+    inputs = {key: value for key, value in inputs.items() if key in ("input_ids", "attention_mask", "pixel_values")}
+    length = inputs["input_ids"].shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + 4)
+    assert model._can_compile_fullgraph
+    prefill_breaks = _graph_breaks(model, inputs, cache)
+    cache.reset()
+    assert prefill_breaks == _graph_breaks(stock, inputs, cache)
+    assert with_image or prefill_breaks == []
+    cache.reset()
+    with torch.no_grad():
+        first = model(**inputs, cache=cache, use_cache=True)
+    step = {
+        "input_ids": first.logits[:, -1:].argmax(-1),
+        "attention_mask": torch.ones(1, length + 1, dtype=torch.long),
+        "position_ids": torch.tensor([[length]]),
+    }
+    assert _graph_breaks(model, step, cache) == []

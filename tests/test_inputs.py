@@ -137,3 +137,16 @@ def test_the_reported_attention_implementation_is_the_stock_one(single_inputs):
         )
         views = {layer.self_attn.config._attn_implementation for layer in model.model.language_model.layers}
         assert views == {f"flexattn_{name}"}  # the modules still route through FlexAttention
+
+
+def test_forward_keeps_the_stock_kwargs_annotation():
+    """transformers reads `**kwargs: Unpack[TransformersKwargs]` to tell which shared features a model supports."""
+    import inspect
+
+    from transformers import LlavaForConditionalGeneration
+
+    from hf_flexattention import FlexLlavaForConditionalGeneration
+
+    ours = inspect.signature(FlexLlavaForConditionalGeneration.forward).parameters["kwargs"].annotation
+    theirs = inspect.signature(LlavaForConditionalGeneration.forward).parameters["kwargs"].annotation
+    assert ours == theirs and "TransformersKwargs" in str(ours)
