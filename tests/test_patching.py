@@ -255,3 +255,21 @@ def test_a_config_saved_with_the_old_ramp_name_loads(tmp_path):
     loaded = FlexLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.config.flex_high_res_ramp == 4.0
     assert not hasattr(loaded.config, "flex_warmup")
+
+
+def test_copies_of_a_patched_model_route_through_their_own_config(single_inputs):
+    """The attention modules' config view must follow the copy's config, not the original's (deepcopy, pickle)."""
+    import io
+    import pickle
+
+    model = patch_model(build_tiny_llava(), n_fa=2).eval()
+    for copied in (copy.deepcopy(model), pickle.load(io.BytesIO(pickle.dumps(model)))):
+        for layer in copied.model.language_model.layers:
+            assert layer.self_attn.config.text_config is copied.config.text_config
+        copied.set_attn_implementation("eager")
+        assert model.config.text_config._attn_implementation == "sdpa"
+        assert model.model.language_model.layers[0].self_attn.config._attn_implementation == "flexattn_sdpa"
+        assert copied.model.language_model.layers[0].self_attn.config._attn_implementation == "flexattn_eager"
+        with torch.no_grad():  # eager and sdpa: the same math, rounded differently (fp32)
+            expected, got = model(**single_inputs).logits, copied(**single_inputs).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
