@@ -7,7 +7,13 @@ the config and model with the Auto classes, the attention functions, and the lla
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoModelForPreTraining,
+    LlavaForConditionalGeneration,
+)
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
@@ -627,9 +633,15 @@ def _register() -> None:
             pass
     try:
         AutoConfig.register("flex_llava", FlexLlavaConfig)
-        AutoModelForImageTextToText.register(FlexLlavaConfig, FlexLlavaForConditionalGeneration)
     except ValueError:
         pass
+    # Every Auto class that maps `llava` to LlavaForConditionalGeneration. (Not AutoModel: its `llava` entry is the
+    # bare LlavaModel, which would load a FlexAttention checkpoint as a stock model without a word.)
+    for auto_class in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForPreTraining):
+        try:
+            auto_class.register(FlexLlavaConfig, FlexLlavaForConditionalGeneration)
+        except ValueError:
+            pass
     # Saved checkpoints carry these files and an `auto_map`, so they load with trust_remote_code=True where the
     # plugin is not installed.
     FlexLlavaConfig.register_for_auto_class("AutoConfig")

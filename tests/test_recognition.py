@@ -142,3 +142,24 @@ def test_a_flex_model_loaded_as_remote_code_before_the_plugin_is_recognised(tmp_
     assert report["repatched_n_fa"] == 1 and report["hr_layers"] == 1
     assert report["unpatched"] == ("LlavaForConditionalGeneration", "llava", False)
     assert report["same_state"]
+
+
+@pytest.mark.parametrize(
+    "auto_class", ["AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModelForPreTraining"]
+)
+def test_every_auto_class_that_serves_llava_serves_a_flex_checkpoint(tmp_path, auto_class):
+    import transformers
+
+    patch_model(build_tiny_llava(), n_fa=2).save_pretrained(tmp_path)
+    stock_name = getattr(transformers.models.auto.modeling_auto, auto_class_mapping(auto_class))["llava"]
+    assert stock_name == "LlavaForConditionalGeneration"  # so the flex class is its FlexAttention counterpart
+    loaded = getattr(transformers, auto_class).from_pretrained(tmp_path)
+    assert type(loaded) is FlexLlavaForConditionalGeneration and loaded.config.flex_n_fa == 2
+
+
+def auto_class_mapping(auto_class: str) -> str:
+    return {
+        "AutoModelForImageTextToText": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        "AutoModelForMultimodalLM": "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+        "AutoModelForPreTraining": "MODEL_FOR_PRETRAINING_MAPPING_NAMES",
+    }[auto_class]
