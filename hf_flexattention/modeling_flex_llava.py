@@ -30,6 +30,7 @@ from .attention import (
 )
 from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION, FlexLlavaConfig
 from .high_res import encode_high_res_features, interpolate_rotary, rotary_table
+from .quantization import high_res_projection
 from .selection import inside_image, pool_cells, pooling_windows, token_cells
 from .state import CACHE_ATTRIBUTE, FlexCall, FlexState, attach_state, pack_true_indices
 
@@ -58,9 +59,12 @@ def text_decoder_layers(model: LlavaForConditionalGeneration) -> nn.ModuleList:
 
 
 def sync_high_res_projections(model: LlavaForConditionalGeneration, n_fa: int) -> None:
-    """Give exactly the top `n_fa` layers `hr_k_proj` / `hr_v_proj`, new ones as copies of `k_proj` / `v_proj`."""
+    """Give exactly the top `n_fa` layers `hr_k_proj` / `hr_v_proj`, new ones as copies of `k_proj` / `v_proj`
+    (dequantised into the language model's dtype when those are bitsandbytes 4-bit/8-bit layers; see
+    `quantization.high_res_projection`)."""
     layers = text_decoder_layers(model)
     first_flex_layer = len(layers) - n_fa
+    text_dtype = None
     for index, layer in enumerate(layers):
         attention = layer.self_attn
         for name, source in HIGH_RES_PROJECTIONS.items():
@@ -68,21 +72,8 @@ def sync_high_res_projections(model: LlavaForConditionalGeneration, n_fa: int) -
                 if hasattr(attention, name):
                     delattr(attention, name)
             elif not hasattr(attention, name):
-                original = getattr(attention, source)
-                projection = nn.Linear(
-                    original.in_features,
-                    original.out_features,
-                    bias=original.bias is not None,
-                    device=original.weight.device,
-                    dtype=original.weight.dtype,
-                )
-                with torch.no_grad():
-                    if original.weight.device.type != "meta":
-                        projection.weight.copy_(original.weight)
-                        if original.bias is not None:
-                            projection.bias.copy_(original.bias)
-                projection.weight.requires_grad_(original.weight.requires_grad)
-                setattr(attention, name, projection)
+                text_dtype = text_dtype or model.model.language_model.dtype
+                setattr(attention, name, high_res_projection(getattr(attention, source), dtype=text_dtype))
 
 
 def install_flex_attention(model: LlavaForConditionalGeneration) -> None:

@@ -8,6 +8,7 @@ decoder layers and routes the language model's attention through FlexAttention.
 
 import dataclasses
 
+import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from .attention import base_implementation_name
@@ -19,6 +20,7 @@ from .modeling_flex_llava import (
     text_decoder_layers,
     uninstall_flex_attention,
 )
+from .quantization import check_quantization
 
 
 _ORIGINAL_CLASSES = "_flex_original_classes"
@@ -43,6 +45,31 @@ def _reject_peft(model) -> None:
         raise ValueError(
             "This model already carries PEFT adapters. Call `patch_model` on the base Llava model first, then "
             "`get_peft_model` (the hr projections must exist before LoRA wraps the attention)."
+        )
+
+
+def _sharding(model) -> str | None:
+    """The sharding wrapper `model` is already under (FSDP, FSDP2 `fully_shard`, DeepSpeed ZeRO-3), or None."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                return "FSDP2 (fully_shard)"
+            if isinstance(module, FullyShardedDataParallel):
+                return "FSDP"
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def _reject_sharded(model) -> None:
+    sharding = _sharding(model)
+    if sharding is not None:
+        raise ValueError(
+            f"This model is already sharded by {sharding}: its k_proj/v_proj hold only this process's shard, so "
+            "FlexAttention cannot copy them. Call `patch_model` on the whole model first, then let Trainer / "
+            "accelerate / DeepSpeed shard it (and load LoRA, if any, in between)."
         )
 
 
@@ -110,7 +137,15 @@ def patch_model(
     Raises:
         TypeError: for a model that is not a `LlavaForConditionalGeneration`, or a setting of the wrong type.
         ValueError: for a setting out of range (each message names the valid range), an attention
-            implementation other than `sdpa`/`eager`, or a model that already carries PEFT adapters.
+            implementation other than `sdpa`/`eager`, a model that already carries PEFT adapters or is already
+            sharded (FSDP, DeepSpeed ZeRO-3: patch first), or a quantisation other than bitsandbytes 4-bit/8-bit
+            (GPTQ, AWQ, HQQ, ...).
+
+    Quantized bases: on a model loaded with a bitsandbytes `BitsAndBytesConfig` (4-bit nf4/fp4 or 8-bit), the hr
+    projections are dequantised copies of `k_proj` / `v_proj` in the language model's dtype (full precision:
+    1.44 GiB in bf16 for LLaVA-1.5-7B with `n_fa=23`), trainable like any `nn.Linear`; see
+    `hf_flexattention.quantization`. Patching before or after `peft.prepare_model_for_kbit_training` gives the same
+    model.
 
     Example:
 
@@ -121,6 +156,8 @@ def patch_model(
     """
     _reject_peft(model)
     _check_supported(model)
+    _reject_sharded(model)
+    check_quantization(model)
     config = model.config
     low_res_grid = config.vision_config.image_size // config.vision_config.patch_size
     validate_flex_settings(
