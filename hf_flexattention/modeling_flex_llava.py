@@ -184,8 +184,22 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return copied
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a FlexAttention model card (`README.md`) if the folder has none."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        """`PreTrainedModel.save_pretrained`, plus a FlexAttention model card (`README.md`) if the folder has none.
+
+        Under FSDP2 the model's class is a subclass made on the fly (`FSDPFlexLlavaForConditionalGeneration`, defined
+        in torch); saved as it is, the checkpoint's `architectures` and remote code would name that class and ship
+        torch's files. It is saved as this class instead (pass the gathered `state_dict`, as Trainer does).
+        """
+        wrapper_class = type(self)
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FSDPModule
+
+            if isinstance(self, FSDPModule):  # fully_shard made `type(name, (FSDPModule, cls), {})`
+                self.__class__ = next(cls for cls in wrapper_class.__bases__ if not issubclass(cls, FSDPModule))
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapper_class
         if kwargs.get("push_to_hub"):
             return  # transformers has uploaded the folder already, with its own card
         try:  # the card writer is plugin code, never shipped as remote code: without the plugin, save as stock
