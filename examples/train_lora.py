@@ -32,23 +32,35 @@ per device and let `Trainer` wrap the model in DDP (gloo on CPUs, NCCL on GPUs):
     torchrun --nnodes 2 --node_rank 0 --master_addr host0 --nproc_per_node 8 examples/train_lora.py ...
     accelerate launch --num_processes 8 examples/train_lora.py ...
 
-For models that do not fit on one device per replica, pass a DeepSpeed or FSDP config to `Trainer` through its
-usual flags (FlexAttention needs nothing special: the hr projections are ordinary `nn.Linear`s of the decoder
-layers):
+For models that do not fit on one device per replica, shard them with DeepSpeed ZeRO or FSDP2 through `Trainer`'s
+usual flags and the configs shipped beside this script (FlexAttention needs nothing special: the hr projections are
+ordinary `nn.Linear`s of the decoder layers and shard with them; patching happens before sharding):
 
-    torchrun --nproc_per_node 8 examples/train_lora.py ... --deepspeed ds_zero3.json
-    # ds_zero3.json: {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
-    #                 "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
-    #                 "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
-    torchrun --nproc_per_node 8 examples/train_lora.py ... --fsdp "full_shard auto_wrap" \\
-        --fsdp-config fsdp.json
-    # fsdp.json: {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]}
+    torchrun --nproc_per_node 8 examples/train_lora.py ... --deepspeed examples/ds_zero2.json
+    torchrun --nproc_per_node 8 examples/train_lora.py ... --full --deepspeed examples/ds_zero3.json
+    torchrun --nproc_per_node 6 examples/train_lora.py ... --full --deepspeed examples/ds_zero3_offload.json
+    torchrun --nproc_per_node 8 examples/train_lora.py ... --fsdp full_shard --fsdp-config examples/fsdp.json  # FSDP2
+    accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_lora.py ...  # the same
 
-(the paper's authors trained the full model with DeepSpeed ZeRO-3 and CPU offload). A batch whose rows select no
+DeepSpeed 0.19 runs ZeRO-2/3 on CPUs too (gloo): `Trainer` trains and saves the tiny model on 2 CPU processes with
+these configs, but the DeepSpeed configs are not covered by a test yet (under ZeRO-3 this script hangs after saving,
+when rank 0 reloads and generates). FSDP does not run on CPUs: accelerate turns it on only for accelerator devices
+and would run plain DDP on CPUs, so the script refuses `--fsdp` without one. `fsdp.json` wraps
+`LlamaDecoderLayer` (LLaVA-1.5/Vicuna); use `MistralDecoderLayer` / `Qwen2DecoderLayer` for those language models.
+Under ZeRO-3 the base is loaded whole in each process and partitioned by `Trainer` (patching needs whole
+`k_proj`/`v_proj`).
+
+QLoRA: `--load-in-4bit` (or `--load-in-8bit`) loads `--model` with a bitsandbytes `BitsAndBytesConfig` (nf4, double
+quantisation, bf16 compute on GPUs; the language model only, not the vision tower and projector), patches it (the hr
+projections become full-precision copies of the dequantised `k_proj`/`v_proj`) and runs
+`prepare_model_for_kbit_training` before LoRA.
+
+The paper's authors trained the full model with DeepSpeed ZeRO-3 and CPU offload. A batch whose rows select no
 high-res token still gives the hr projections a (zero) gradient, so the example runs DDP with
 `ddp_find_unused_parameters=False` (no search for unused parameters, and no warning that it found none).
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -58,7 +70,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a source checkout
 
 import torch  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
 from hf_flexattention import FlexLlavaForConditionalGeneration  # noqa: E402
@@ -104,6 +116,8 @@ class ScriptArguments:
         default=None,
         metadata={"help": "High-res blend ramp: alpha = min(1, epoch * ramp) (default: the --model's own, else 10)."},
     )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load --model in 4-bit (bitsandbytes nf4)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load --model in 8-bit (bitsandbytes LLM.int8)."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning (no LoRA); the vision tower stays frozen."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -173,7 +187,31 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, Tra
         defaults.update(learning_rate=1e-2, num_train_epochs=3, logging_steps=5, save_strategy="no", seed=TINY_SEED)
     parser.set_defaults(**defaults)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(script_args, training_args)
     return script_args, training_args
+
+
+def check_arguments(script_args: ScriptArguments, training_args: TrainingArguments) -> None:
+    """Refuse combinations that would not do what they say."""
+    if training_args.fsdp_config and not training_args.fsdp:
+        raise ValueError(
+            "--fsdp-config is ignored without --fsdp: pass --fsdp full_shard --fsdp-config ... to shard with FSDP2."
+        )
+    if training_args.fsdp and not torch.accelerator.is_available():
+        raise ValueError(
+            "--fsdp/--fsdp-config need GPUs (or other accelerators): accelerate turns FSDP on only for accelerator "
+            "devices and would run plain DDP on CPUs. On CPUs shard with DeepSpeed instead: "
+            "--deepspeed examples/ds_zero3.json."
+        )
+    quantized = script_args.load_in_4bit or script_args.load_in_8bit
+    if script_args.load_in_4bit and script_args.load_in_8bit:
+        raise ValueError("Pass one of --load-in-4bit and --load-in-8bit.")
+    if quantized and script_args.model is None:
+        raise ValueError("--load-in-4bit/--load-in-8bit quantise a --model checkpoint; the tiny model is in code.")
+    if quantized and script_args.full:
+        raise ValueError("A quantized base cannot be fine-tuned in full: drop --full to train LoRA adapters (QLoRA).")
+    if quantized and (training_args.deepspeed or training_args.fsdp):
+        raise ValueError("Quantized bases are trained with LoRA in data parallel here, not with DeepSpeed or FSDP.")
 
 
 def describe_run(script_args: ScriptArguments, training_args: TrainingArguments) -> str:
@@ -207,8 +245,44 @@ def load_base(script_args: ScriptArguments) -> FlexLlavaForConditionalGeneration
         "high_res_ramp": script_args.high_res_ramp,
     }
     if script_args.model is None:
-        return apply_settings(build_tiny_llava(seed=TINY_SEED), settings)
-    return load_flex_model(script_args.model, settings, dtype=resolve_dtype(script_args.dtype))
+        with whole_model_loading():
+            return apply_settings(build_tiny_llava(seed=TINY_SEED), settings)
+    dtype = resolve_dtype(script_args.dtype)
+    kwargs = {"dtype": dtype}
+    if script_args.load_in_4bit or script_args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=script_args.load_in_4bit,
+            load_in_8bit=script_args.load_in_8bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # The language model only, as LLaVA's own QLoRA recipe: the vision tower and projector stay as loaded.
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        )
+        # Each data-parallel process holds its whole quantized copy on its own device.
+        # (TrainingArguments has made this process's accelerator current.)
+        on_accelerator = torch.accelerator.is_available()
+        kwargs["device_map"] = {"": torch.accelerator.current_device_index() if on_accelerator else "cpu"}
+    # Under ZeRO-3, transformers would partition the weights while loading; patch_model needs whole k_proj/v_proj,
+    # so the base is loaded whole and Trainer partitions it.
+    with whole_model_loading():
+        return load_flex_model(script_args.model, settings, **kwargs)
+
+
+@contextlib.contextmanager
+def whole_model_loading():
+    """Load models unpartitioned even while a DeepSpeed ZeRO-3 `TrainingArguments` is alive."""
+    from transformers.integrations import deepspeed
+
+    config = deepspeed._hf_deepspeed_config_weak_ref() if deepspeed._hf_deepspeed_config_weak_ref else None
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            deepspeed.set_hf_deepspeed_config(config)
 
 
 def load_processor(script_args: ScriptArguments, zoom: int) -> FlexLlavaProcessor:
@@ -252,6 +326,10 @@ def build_trainer(
     if script_args.full:
         model.model.vision_tower.requires_grad_(False)
     else:
+        if script_args.load_in_4bit or script_args.load_in_8bit:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=training_args.activation_checkpointing
+            )
         model = add_lora(model, script_args)
     trainer = Trainer(
         model=model,
@@ -267,7 +345,8 @@ def build_trainer(
 def reload_and_generate(script_args: ScriptArguments, output_dir: str, collator, dataset) -> str:
     """Load what training saved onto a fresh base and answer `--question` about the first image of the data."""
     if script_args.full:
-        model = FlexLlavaForConditionalGeneration.from_pretrained(output_dir)
+        with whole_model_loading():
+            model = FlexLlavaForConditionalGeneration.from_pretrained(output_dir)
     else:
         model = load_adapter(load_base(script_args), output_dir)  # the base patched as the adapter records
     model.eval()

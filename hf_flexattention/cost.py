@@ -257,6 +257,61 @@ def training_memory_bytes(s: LlavaShapes, variant: str, dtype_bytes: int = 2) ->
     return {"weights": weights * dtype_bytes, "gradients": trainable * dtype_bytes, "optimizer": trainable * 8}
 
 
+NF4_DOUBLE_QUANT_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+"""Bits per weight of bitsandbytes nf4 with double quantisation: a 4-bit code, an 8-bit absmax per 64-weight block,
+and an fp32 scale per 256 blocks (QLoRA, Dettmers et al. 2023, Sec. 3: 4.127 bits)."""
+
+
+def qlora_memory_bytes(
+    s: LlavaShapes,
+    variant: str,
+    lora_rank: int = 16,
+    high_res: str = "save",
+    quantized_bits: float = NF4_DOUBLE_QUANT_BITS,
+    unquantized_bytes: int = 4,
+) -> dict[str, float]:
+    """Bytes kept by a QLoRA fine-tune: a 4-bit language model, LoRA on its attention, AdamW. Activations excluded.
+
+    Args:
+        s: the model's shapes.
+        variant: `"a"` (stock) or `"b"` (FlexAttention; `"c"` is not trained this way).
+        lora_rank: LoRA's `r` on `q_proj`, `k_proj`, `v_proj`, `o_proj` of every language-model layer.
+        high_res: how the hr projections train: `"save"` (in full, `modules_to_save`), `"lora"` or `"frozen"`.
+        quantized_bits: bits per quantized weight (nf4 with double quantisation by default).
+        unquantized_bytes: bytes per weight left unquantized (embeddings, `lm_head`, vision tower, projector, norms,
+            hr projections): 4 after `peft.prepare_model_for_kbit_training`, which casts them all to fp32; 2 when
+            they are kept in bf16.
+
+    Returns:
+        `weights` (quantized linear layers of the language model's decoder layers, everything else unquantized),
+        `adapters` (LoRA weights in fp32, and the trained copy of the hr projections that `modules_to_save` makes
+        when `high_res="save"`, in `unquantized_bytes`), `gradients` (the same dtypes) and `optimizer` (AdamW's two
+        fp32 moments of everything trained).
+    """
+    if _check_variant(variant) == "c":
+        raise ValueError("QLoRA memory is modelled for variants 'a' (stock) and 'b' (FlexAttention).")
+    if high_res not in ("save", "lora", "frozen"):
+        raise ValueError(f"high_res must be 'save', 'lora' or 'frozen', got {high_res!r}.")
+    h, kv = s.text_hidden, s.kv_dim
+    quantized = s.text_layers * (2 * h * h + 2 * h * kv + 3 * h * s.text_mlp)
+    unquantized = s.parameters - quantized
+    lora = s.text_layers * lora_rank * (2 * (h + h) + 2 * (h + kv))
+    copies = 0
+    if variant == "b":
+        unquantized += s.high_res_parameters
+        if high_res == "lora":
+            lora += s.n_fa * 2 * lora_rank * (h + kv)
+        elif high_res == "save":
+            copies = s.high_res_parameters  # modules_to_save keeps the original and trains a copy
+    trained_bytes = lora * 4 + copies * unquantized_bytes  # PEFT keeps LoRA weights of a 4-bit base in fp32
+    return {
+        "weights": quantized * quantized_bits / 8 + unquantized * unquantized_bytes,
+        "adapters": trained_bytes,
+        "gradients": trained_bytes,
+        "optimizer": (lora + copies) * 8,
+    }
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 
 
@@ -344,6 +399,7 @@ __all__ = [
     "decode_step_flops",
     "memory_bytes",
     "prefill_flops",
+    "qlora_memory_bytes",
     "report",
     "training_memory_bytes",
     "training_step_flops",

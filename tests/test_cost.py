@@ -162,3 +162,32 @@ def test_the_readme_lora_parameter_counts():
     assert trainable(False, None) == 16_777_216
     assert trainable(True, "save") == 788_529_152
     assert trainable(True, "lora") == 22_806_528
+
+
+def test_qlora_memory_counts_what_a_4bit_tiny_model_holds():
+    """Pinned against a model built and counted here: the 4-bit share, the hr copies and LoRA's parameter count."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_flexattention.cost import NF4_DOUBLE_QUANT_BITS, qlora_memory_bytes
+    from hf_flexattention.training import lora_target_modules
+
+    model = patch_model(build_tiny_llava(), n_fa=2)
+    shapes = LlavaShapes.from_config(model.config, n_fa=2)
+    decoder = model.model.language_model.layers
+    quantizable = sum(
+        module.weight.numel()
+        for name, module in decoder.named_modules()
+        if isinstance(module, torch.nn.Linear) and "hr_" not in name
+    )
+    high_res = sum(p.numel() for name, p in model.named_parameters() if ".hr_" in name)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules()))
+    adapters = sum(p.numel() for name, p in lora.named_parameters() if "lora_" in name)
+    stock, frozen = (qlora_memory_bytes(shapes, v, lora_rank=4, high_res="frozen") for v in ("a", "b"))
+    saved = qlora_memory_bytes(shapes, "b", lora_rank=4, high_res="save", unquantized_bytes=2)
+    total = shapes.parameters + high_res
+    assert frozen["weights"] == quantizable * NF4_DOUBLE_QUANT_BITS / 8 + (total - quantizable) * 4
+    assert frozen["weights"] - stock["weights"] == high_res * 4  # the dequantised copies, fp32 after prepare
+    assert frozen["adapters"] == adapters * 4 and frozen["optimizer"] == adapters * 8
+    assert saved["adapters"] == adapters * 4 + high_res * 2 and saved["optimizer"] == (adapters + high_res) * 8
+    with pytest.raises(ValueError, match="high_res must be"):
+        qlora_memory_bytes(shapes, "b", high_res="full")

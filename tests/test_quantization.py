@@ -286,3 +286,18 @@ def test_patching_a_sharded_model_asks_to_patch_first(tmp_path):
             patch_model(model, n_fa=2)
     finally:
         dist.destroy_process_group()
+
+
+def test_example_trains_qlora_on_a_4bit_checkpoint(checkpoint, tmp_path):
+    from tests.conftest import load_example
+
+    build_tiny_processor().save_pretrained(checkpoint)  # a --model folder has its processor
+    train_lora = load_example("train_lora")
+    output = tmp_path / "out"
+    args = ["--model", str(checkpoint), "--load-in-4bit", "--output-dir", str(output), "--max-steps", "3"]
+    args += ["--tiny-samples", "8", "--use-cpu", "--report-to", "none", "--logging-steps", "1"]
+    result = train_lora.main(args)
+    assert len(result["losses"]) == 3 and isinstance(result["answer"], str)
+    assert (output / "adapter_model.safetensors").exists() and (output / "flex_attention.json").exists()
+    with pytest.raises(ValueError, match="cannot be fine-tuned in full"):
+        train_lora.parse_arguments(["--model", str(checkpoint), "--load-in-4bit", "--full"])

@@ -97,3 +97,20 @@ def test_a_lora_adapter_saved_under_fsdp_reloads_onto_a_stock_base(runs, batch):
         actual, expected = model(**batch).logits, reference(**batch).logits
     assert not torch.allclose(actual, base, atol=1e-3)  # the adapter (and trained hr copies) changed the model
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+# ----- examples/train_lora.py with the shipped configs --------------------------------------------------------------
+
+
+def test_example_refuses_fsdp_on_cpus():
+    from tests.conftest import load_example
+
+    if torch.accelerator.is_available():
+        pytest.skip("FSDP runs on this machine's accelerator; the refusal is for CPU-only machines")
+    train_lora = load_example("train_lora")
+    with pytest.raises(ValueError, match="accelerate turns FSDP on only for accelerator devices"):
+        train_lora.parse_arguments(
+            ["--fsdp", "full_shard", "--fsdp-config", os.path.join(REPO, "examples", "fsdp.json")]
+        )
+    with pytest.raises(ValueError, match="--fsdp-config is ignored without --fsdp"):
+        train_lora.parse_arguments(["--fsdp-config", os.path.join(REPO, "examples", "fsdp.json")])
