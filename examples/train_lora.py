@@ -42,9 +42,8 @@ ordinary `nn.Linear`s of the decoder layers and shard with them; patching happen
     torchrun --nproc_per_node 8 examples/train_lora.py ... --fsdp full_shard --fsdp-config examples/fsdp.json  # FSDP2
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_lora.py ...  # the same
 
-DeepSpeed 0.19 runs ZeRO-2/3 on CPUs too (gloo): `Trainer` trains and saves the tiny model on 2 CPU processes with
-these configs, but the DeepSpeed configs are not covered by a test yet (under ZeRO-3 this script hangs after saving,
-when rank 0 reloads and generates). FSDP does not run on CPUs: accelerate turns it on only for accelerator devices
+DeepSpeed 0.19 runs ZeRO-2/3 on CPUs too (gloo): the tests run this script with `ds_zero2.json` and `ds_zero3.json`
+(`--full`) on 2 CPU processes when DeepSpeed is installed. FSDP does not run on CPUs: accelerate turns it on only for accelerator devices
 and would run plain DDP on CPUs, so the script refuses `--fsdp` without one. `fsdp.json` wraps
 `LlamaDecoderLayer` (LLaVA-1.5/Vicuna); use `MistralDecoderLayer` / `Qwen2DecoderLayer` for those language models.
 Under ZeRO-3 the base is loaded whole in each process and partitioned by `Trainer` (patching needs whole
@@ -356,7 +355,9 @@ def reload_and_generate(script_args: ScriptArguments, output_dir: str, collator,
     prompt = collator.generation_prompt([{"from": "human", "value": question}])
     inputs = collator.processor(images=[sample.image] if sample else None, text=[prompt], return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**inputs.to(model.device), max_new_tokens=8, do_sample=False)
+        # The reloaded model is whole and runs on this process alone: under a DeepSpeed ZeRO-3 run generate would
+        # otherwise sync every step with the other processes (synced_gpus), which are not generating, and hang.
+        output = model.generate(**inputs.to(model.device), max_new_tokens=8, do_sample=False, synced_gpus=False)
     answer = collator.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     reference = next((turn["value"] for turn in sample.conversations if turn["from"] == "gpt"), None) if sample else ""
     print(f"\n{prompt!r} -> {answer.strip()!r} (training answer: {reference!r})")

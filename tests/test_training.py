@@ -479,3 +479,23 @@ def test_each_layer_projects_the_union_of_the_answer_rows_only(processor):
     together = union_widths(inputs, labels)
     assert alone[0] != alone[1]  # the two sequences' unions differ, so the check below means something
     assert together == [max(a, b) for a, b in zip(alone[0], alone[1], strict=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, mode", [("ds_zero2.json", []), ("ds_zero3.json", ["--full"])], ids=["zero2-lora", "zero3-full"]
+)
+def test_example_runs_under_deepspeed_on_two_cpu_processes(tmp_path, config, mode):
+    """The shipped DeepSpeed configs through `Trainer` (gloo). DeepSpeed is an optional extra (`.[deepspeed]`: a
+    source build), so this runs where it is installed; CI does not install it."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    args = ["--max-steps", "2", "--tiny-samples", "16", "--logging-steps", "1", "--use-cpu", *mode]
+    runs = {}
+    for name, extra in (("deepspeed", ["--deepspeed", os.path.join(REPO, "examples", config)]), ("ddp", [])):
+        output = tmp_path / name
+        result = run_example(["--output-dir", str(output), *args, *extra], timeout=600, nproc=2, tmp_path=tmp_path)
+        assert result.stdout.count("(training answer:") == 1  # rank 0 reloaded what was saved and generated
+        with open(output / "trainer_state.json") as file:
+            runs[name] = [entry["loss"] for entry in json.load(file)["log_history"] if "loss" in entry]
+    # The first step sees the same weights and data: the same loss (the logged value, rounded to 4 digits).
+    assert runs["deepspeed"][0] == pytest.approx(runs["ddp"][0], abs=1e-3)
