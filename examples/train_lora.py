@@ -43,8 +43,8 @@ ordinary `nn.Linear`s of the decoder layers and shard with them; patching happen
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_lora.py ...  # the same
 
 DeepSpeed 0.19 runs ZeRO-2/3 on CPUs too (gloo): the tests run this script with `ds_zero2.json` and `ds_zero3.json`
-(`--full`) on 2 CPU processes when DeepSpeed is installed. FSDP does not run on CPUs: accelerate turns it on only for accelerator devices
-and would run plain DDP on CPUs, so the script refuses `--fsdp` without one. `fsdp.json` wraps
+(`--full`) on 2 CPU processes when DeepSpeed is installed. FSDP does not run on CPUs: accelerate turns it on only
+for accelerator devices and would run plain DDP on CPUs, so the script refuses `--fsdp` without one. `fsdp.json` wraps
 `LlamaDecoderLayer` (LLaVA-1.5/Vicuna); use `MistralDecoderLayer` / `Qwen2DecoderLayer` for those language models.
 Under ZeRO-3 the base is loaded whole in each process and partitioned by `Trainer` (patching needs whole
 `k_proj`/`v_proj`).
