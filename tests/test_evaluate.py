@@ -252,6 +252,12 @@ def test_a_folder_in_the_wrong_layout_says_what_was_expected_and_found(tmp_path,
     assert "found" in str(error.value)
 
 
+def test_an_unknown_hub_id_offline_says_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="neither a folder nor a Hub dataset"):
+        load_benchmark("vstar", "nobody/no-such-benchmark")
+
+
 def test_malformed_annotations_are_refused(tmp_path):
     root = make_vstar(tmp_path / "vstar", per_category=1)
     (root / "direct_attributes" / "sa_0.json").write_text(json.dumps({"question": "q", "options": "red"}))
