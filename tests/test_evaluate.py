@@ -11,7 +11,7 @@ import torch
 
 from hf_flexattention import evaluate as evaluate_module
 from hf_flexattention import patch_model, unpatch_model
-from hf_flexattention.benchmarks import load_benchmark, magnifier_options
+from hf_flexattention.benchmarks import ImageProblem, load_benchmark, magnifier_options, open_image
 from hf_flexattention.evaluate import evaluate, main, predictions_path
 from hf_flexattention.protocols import (
     SHORT_ANSWER,
@@ -234,6 +234,18 @@ def test_textvqa_and_both_magnifier_layouts_load(tmp_path):
         assert dataset[0]["options"] == ["red", "green", "blue", "black"]
         assert dataset[1]["question"] == "What is on the left?"
     assert parquet[0]["image"]["bytes"] == mimic_it[0]["image"]["bytes"]
+    assert open_image(mimic_it[0]).size == (60, 40)
+
+
+def test_an_item_with_two_images_is_skipped_as_not_one_image(tmp_path):
+    root = make_magnifier_mimic_it(tmp_path / "mimic")
+    instructions = json.loads((root / "data_instructions.json").read_text())
+    instructions["data"]["m1"]["image_ids"] = ["img_m1", "img_m0"]
+    (root / "data_instructions.json").write_text(json.dumps(instructions))
+    dataset = load_benchmark("magnifier", str(root))
+    with pytest.raises(ImageProblem) as problem:
+        open_image(dataset[1])
+    assert problem.value.reason == "not one image"
 
 
 @pytest.mark.parametrize(
