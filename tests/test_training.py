@@ -489,7 +489,7 @@ def test_example_runs_under_deepspeed_on_two_cpu_processes(tmp_path, config, mod
     """The shipped DeepSpeed configs through `Trainer` (gloo). DeepSpeed is an optional extra (`.[deepspeed]`: a
     source build), so this runs where it is installed; CI does not install it."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
-    args = ["--max-steps", "2", "--tiny-samples", "16", "--logging-steps", "1", "--use-cpu", *mode]
+    args = ["--max-steps", "3", "--tiny-samples", "16", "--logging-steps", "1", "--use-cpu", *mode]
     runs = {}
     for name, extra in (("deepspeed", ["--deepspeed", os.path.join(REPO, "examples", config)]), ("ddp", [])):
         output = tmp_path / name
@@ -497,5 +497,7 @@ def test_example_runs_under_deepspeed_on_two_cpu_processes(tmp_path, config, mod
         assert result.stdout.count("(training answer:") == 1  # rank 0 reloaded what was saved and generated
         with open(output / "trainer_state.json") as file:
             runs[name] = [entry["loss"] for entry in json.load(file)["log_history"] if "loss" in entry]
-    # The first step sees the same weights and data: the same loss (the logged value, rounded to 4 digits).
-    assert runs["deepspeed"][0] == pytest.approx(runs["ddp"][0], abs=1e-3)
+    # The same data, weights and updates as DDP: the same losses at every step, up to the logged rounding (the log
+    # keeps 4 significant digits) and the order in which the two reduce gradients (~1e-6 relative).
+    assert len(runs["deepspeed"]) == len(runs["ddp"]) == 3
+    assert runs["deepspeed"] == pytest.approx(runs["ddp"], abs=1e-3)
