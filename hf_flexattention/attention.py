@@ -143,6 +143,8 @@ def _select_for_next_layer(call: FlexCall, layer_idx: int, plain: torch.Tensor) 
     call.selections[layer_idx + 1] = selected
     if call.trace is not None:
         call.trace.append((layer_idx + 1, selected.sum(dim=-1)[:, 0].cpu()))
+        if hasattr(call.trace, "record_selection"):  # a tracing.FlexTrace: the maps and masks too
+            call.trace.record_selection(layer_idx + 1, call, low_res_map[:, 0], selected[:, 0])
 
 
 def _candidates(

@@ -35,6 +35,15 @@ def make_test_image(width: int = 120, height: int = 80) -> Image.Image:
     return image
 
 
+def load_default_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """`(model, processor)` used when no `--model` is given: a tiny random Llava built in code, patched with
+    FlexAttention (`TINY_N_FA` layers)."""
+    from .tiny import build_tiny_llava, build_tiny_processor
+
+    model = build_tiny_llava(dtype=dtype).to(device)
+    return apply_settings(model, {"n_fa": TINY_N_FA}), build_tiny_processor()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of `python -m hf_flexattention.demo`."""
     parser = argparse.ArgumentParser(

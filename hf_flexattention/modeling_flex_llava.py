@@ -566,6 +566,7 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         high_res_pixel_values: torch.Tensor | None = None,
         original_image_sizes: torch.Tensor | None = None,
         flex_answer_start: int | None = None,
+        flex_trace: list | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ):
         r"""
@@ -581,10 +582,12 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             Sequence index of the first answer token: every row that predicts a token at or after it attends to
             high-res tokens. `generate` sets it to the prompt length. Without it (and without `labels`), only the
             last row does; with `labels`, every row that predicts a supervised token does.
-        flex_trace (`list`, *optional*, keyword only):
-            If given, receives `(layer_index, selected token count per high-res row)` for each FlexAttention layer.
+        flex_trace (`list`, *optional*):
+            If given, receives `(layer_index, selected token count per high-res row)` for each FlexAttention layer;
+            a [`~tracing.FlexTrace`] also keeps each row's low-res attention map and selected mask. `generate`
+            passes it to every forward call (prefill and decode steps).
         """
-        trace = kwargs.pop("flex_trace", None)
+        trace = flex_trace
         tokens = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
             raise ValueError(
