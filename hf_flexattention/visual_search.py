@@ -13,7 +13,7 @@ the options' likelihood, as V* Bench is). The generator knows the target's box, 
 can be checked against it. Everything is a pure function of `(split, index)`: splits draw from disjoint seeds
 (`numpy.random.SeedSequence((SPLIT_IDS[split], index))`), so train, validation and test never share a sample.
 
-Letters are drawn from a 5x5 bitmap font defined here (no system font, so images are identical on every machine).
+Letters are drawn from a 4x4 bitmap font defined here (no system font, so images are identical on every machine).
 
     >>> sample = make_sample("train", 0)
     >>> sample.image.size, sample.question, sample.answer, sample.target_box
@@ -35,23 +35,28 @@ COLOURS = {
     "purple": (150, 40, 200),
     "orange": (245, 120, 10),
 }
-# A 5x5 bitmap font: '#' is ink. Letters picked so that no two share more than 19 of 25 pixels.
+# A 4x4 bitmap font ('#' is ink): a letter fills exactly one 4x4 patch of the tiny vision tower at high res, and
+# about 1.3 pixels of the low-res view (zoom 3).
 GLYPHS = {
-    "a": (".###.", "#...#", "#####", "#...#", "#...#"),
-    "e": ("#####", "#....", "####.", "#....", "#####"),
-    "h": ("#...#", "#...#", "#####", "#...#", "#...#"),
-    "k": ("#..#.", "#.#..", "##...", "#.#..", "#..#."),
-    "l": ("#....", "#....", "#....", "#....", "#####"),
-    "t": ("#####", "..#..", "..#..", "..#..", "..#.."),
-    "x": ("#...#", ".#.#.", "..#..", ".#.#.", "#...#"),
-    "z": ("#####", "...#.", "..#..", ".#...", "#####"),
+    "a": (".##.", "#..#", "####", "#..#"),
+    "e": ("####", "###.", "#...", "####"),
+    "h": ("#..#", "####", "#..#", "#..#"),
+    "k": ("#.#.", "##..", "#.#.", "#..#"),
+    "l": ("#...", "#...", "#...", "####"),
+    "t": ("####", ".##.", ".##.", ".##."),
+    "x": ("#..#", ".##.", ".##.", "#..#"),
+    "z": ("####", "..#.", ".#..", "####"),
 }
+GLYPH = 4
 LETTERS = tuple(GLYPHS)
 # Distractor shapes for the colour question, with sides that give them about the square's ink (36 pixels), so that
 # at low resolution no blob stands out by its mass.
 DISTRACTOR_SHAPES = {"disc": 7, "triangle": 9, "diamond": 8, "plus": 8}
 CLUTTER_SHAPES = ("cross", "triangle", "bar", "ring")
-TARGET_FRAME = 9  # box side in high-res pixels: 1 px frame, 1 px margin, 5 px letter
+TARGET_FRAME = 8  # box side in high-res pixels: 1 px frame, 1 px margin, a 4 px letter
+# Boxes sit at `left = top = 2 (mod 4)`, so their letter fills one patch of a 4-pixel-patch tower (tiles start at
+# multiples of its 32 px input). Real text straddles patches; a tiny tower built in code reads whole patches.
+BOX_ALIGNMENT = 4
 TARGET_SQUARE = 6
 WORDS = (
     "USER: ASSISTANT: what letter is in the box ? colour small square options : "
@@ -62,7 +67,7 @@ WORDS = (
 
 
 def glyph_mask(letter: str) -> np.ndarray:
-    """`(5, 5)` bool: the ink of `letter` in the module's bitmap font."""
+    """`(4, 4)` bool: the ink of `letter` in the module's bitmap font."""
     return np.array([[char == "#" for char in row] for row in GLYPHS[letter]])
 
 
@@ -92,10 +97,15 @@ class VisualSearchSample:
         return f"{self.question} options : {' '.join(self.options)}"
 
 
-def _free_spot(rng: np.random.Generator, size: int, side: int, taken: list, gap: int = 2) -> tuple[int, int]:
-    """A top-left corner for a `side` x `side` object that keeps `gap` pixels from every box in `taken`."""
+def _free_spot(
+    rng: np.random.Generator, size: int, side: int, taken: list, gap: int = 2, aligned: bool = False
+) -> tuple[int, int]:
+    """A top-left corner for a `side` x `side` object that keeps `gap` pixels from every box in `taken`; `aligned`:
+    at `2 (mod BOX_ALIGNMENT)` on both axes."""
     for _ in range(200):
         left, top = (int(v) for v in rng.integers(1, size - side - 1, size=2))
+        if aligned:
+            left, top = (v - v % BOX_ALIGNMENT + 2 for v in (left, top))
         box = (left - gap, top - gap, left + side + gap, top + side + gap)
         if all(box[0] >= b[2] or box[2] <= b[0] or box[1] >= b[3] or box[3] <= b[1] for b in taken):
             taken.append((left, top, left + side, top + side))
@@ -104,13 +114,14 @@ def _free_spot(rng: np.random.Generator, size: int, side: int, taken: list, gap:
 
 
 def _draw_box(pixels: np.ndarray, left: int, top: int, colour, letter: str, rng: np.random.Generator) -> None:
-    """A `TARGET_FRAME` box: a one-pixel `colour` frame, a noisy light inside and the letter in dark grey."""
+    """A `TARGET_FRAME` box: a one-pixel `colour` frame, a noisy light inside and the letter in dark grey at
+    `(left + 2, top + 2)`."""
     side = TARGET_FRAME
     pixels[top : top + side, left : left + side] = colour
     inside = side - 2
     pixels[top + 1 : top + side - 1, left + 1 : left + side - 1] = rng.integers(190, 256, size=(inside, inside, 1))
     ink = glyph_mask(letter)
-    region = pixels[top + 2 : top + 7, left + 2 : left + 7]
+    region = pixels[top + 2 : top + 2 + GLYPH, left + 2 : left + 2 + GLYPH]
     region[ink] = rng.integers(0, 70, size=(int(ink.sum()), 1))
 
 
@@ -141,7 +152,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, left: int, top: int, side
 
 
 def make_sample(
-    split: str, index: int, size: int = 96, kind: str | None = None, clutter: int = 6
+    split: str,
+    index: int,
+    size: int = 96,
+    kind: str | None = None,
+    clutter: int = 6,
+    boxes: int = 4,
+    letter_clutter: float = 0.5,
 ) -> VisualSearchSample:
     """The sample `index` of `split` (deterministic).
 
@@ -151,7 +168,10 @@ def make_sample(
         size: canvas side in pixels (`zoom` times the vision tower's input side; 96 = 3 x 32 for the example).
         kind: `"letter"` or `"colour"`; None alternates with the index (even: letter).
         clutter: how many unframed distractor letters and grey shapes to scatter (besides the question's own
-            distractors: three other boxes, or three other shapes).
+            distractors: other boxes, or three other shapes).
+        letter_clutter: the share of clutter items that are unframed letters (the others are grey shapes).
+        boxes: letter questions: how many framed boxes (1 to 4, each its own colour and letter); with one, the
+            options are its letter and three others drawn at random.
 
     Raises:
         ValueError: for an unknown split or kind, a negative index, or a canvas under 48 pixels.
@@ -160,6 +180,8 @@ def make_sample(
         raise ValueError(f"Unknown split {split!r}: use one of {sorted(SPLIT_IDS)}.")
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}.")
+    if not 1 <= boxes <= 4:
+        raise ValueError(f"boxes={boxes}: a letter question draws 1 to 4 framed boxes.")
     if size < 48:
         raise ValueError(f"size={size} is too small for the targets and clutter: use at least 48 pixels.")
     kind = KINDS[index % 2] if kind is None else kind
@@ -177,14 +199,13 @@ def make_sample(
     if kind == "letter":
         colours = rng.choice(len(colour_names), size=4, replace=False)
         letters = rng.choice(len(LETTERS), size=4, replace=False)
-        boxes = []
-        for colour, letter in zip(colours, letters, strict=True):
-            left, top = _free_spot(rng, size, TARGET_FRAME, taken, gap=3)
+        for colour, letter in zip(colours[:boxes], letters[:boxes], strict=True):
+            left, top = _free_spot(rng, size, TARGET_FRAME, taken, gap=3, aligned=True)
             _draw_box(pixels, left, top, COLOURS[colour_names[colour]], LETTERS[letter], rng)
-            boxes.append((left, top, left + TARGET_FRAME, top + TARGET_FRAME))
+        left, top = taken[0][:2]
+        target_box = (left, top, left + TARGET_FRAME, top + TARGET_FRAME)
         answer, options = LETTERS[letters[0]], [LETTERS[i] for i in letters]
         question = f"what letter is in the {colour_names[colours[0]]} box ?"
-        target_box = boxes[0]
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     if kind == "colour":
@@ -201,8 +222,8 @@ def make_sample(
         question = "what colour is the small square ?"
     # Clutter: unframed dark letters and grey shapes, in neither question's answer colours.
     for _ in range(clutter):
-        if rng.random() < 0.5:
-            left, top = _free_spot(rng, size, 5, taken)
+        if rng.random() < letter_clutter:
+            left, top = _free_spot(rng, size, GLYPH, taken)
             ink = glyph_mask(LETTERS[int(rng.integers(len(LETTERS)))])
             grey = int(rng.integers(30, 90))
             for y, x in zip(*np.nonzero(ink), strict=True):
@@ -247,12 +268,12 @@ def downsample(image: Image.Image, factor: int) -> Image.Image:
 
 
 def read_letter(image: Image.Image, box: tuple[int, int, int, int], factor: int = 1) -> str:
-    """A template reader: the letter whose glyph best correlates with the 5x5 pixels where the box holds its letter.
+    """A template reader: the letter whose glyph best correlates with the 4x4 pixels where the box holds its letter.
 
     With `factor > 1` it reads what the low-res path keeps: the image downsampled by `factor` (`downsample`) and
     scaled back up (bilinear). It is told where the letter is, which a model is not, so its low-res accuracy
     bounds how legible the letter stays. (The letter is not erased at low res, only blurred to about
-    `5 / factor` pixels: a reader that models the downsampling exactly could still tell letters apart, so
+    `4 / factor` pixels: a reader that models the downsampling exactly could still tell letters apart, so
     legibility, not information, is what this measures.)
 
     Args:
@@ -263,7 +284,7 @@ def read_letter(image: Image.Image, box: tuple[int, int, int, int], factor: int 
     view = image if factor == 1 else downsample(image, factor).resize(image.size, Image.BILINEAR)
     grey = np.asarray(view.convert("L"), dtype=np.float32)
     left, top = box[0], box[1]
-    observed = grey[top + 2 : top + 7, left + 2 : left + 7].ravel()
+    observed = grey[top + 2 : top + 2 + GLYPH, left + 2 : left + 2 + GLYPH].ravel()
     observed = (observed - observed.mean()) / (observed.std() + 1e-6)
 
     def correlation(letter: str) -> float:

@@ -60,13 +60,13 @@ def test_question_answer_and_target_box(index):
 
 def test_letter_is_legible_at_high_res_only():
     """A template reader told where the letter is reads every letter in the high-res image; in the low-res view
-    (downsampled by the zoom, 3) it reads 54% of these 100 (measured; chance is 1/8). The bound leaves room for
+    (downsampled by the zoom, 3) it reads 33% of these 100 (measured; chance is 1/8). The bound leaves room for
     that figure and still fails if the letters became legible at low res."""
     samples = [make_sample("validation", 2 * index, kind="letter") for index in range(100)]
     high = np.mean([read_letter(s.image, s.target_box) == s.answer for s in samples])
     low = np.mean([read_letter(s.image, s.target_box, factor=3) == s.answer for s in samples])
     assert high == 1.0
-    assert low < 0.65
+    assert low < 0.45
 
 
 def test_downsample_matches_the_low_res_view_size():
