@@ -253,6 +253,7 @@ def sample_kwargs(args) -> dict:
         "kind": None if args.kind == "both" else args.kind,
         "boxes": args.boxes,
         "letter_clutter": args.letter_clutter,
+        "letter_scale": args.letter_scale,
     }
 
 
@@ -421,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--letter-clutter", type=float, default=0.0, help="share of clutter that is letters")
     parser.add_argument(
         "--multiple-choice-share", type=float, default=0.0, help="share of training questions with their options"
+    )
+    parser.add_argument(
+        "--letter-scale", type=int, default=1, help="font pixel size of the boxed letter (2+: a legible control)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="vision tower pretraining steps (0: none)")

@@ -113,15 +113,17 @@ def _free_spot(
     raise RuntimeError("The canvas is too crowded to place another object: lower `distractors` or raise `size`.")
 
 
-def _draw_box(pixels: np.ndarray, left: int, top: int, colour, letter: str, rng: np.random.Generator) -> None:
-    """A `TARGET_FRAME` box: a one-pixel `colour` frame, a noisy light inside and the letter in dark grey at
-    `(left + 2, top + 2)`."""
-    side = TARGET_FRAME
+def _draw_box(
+    pixels: np.ndarray, left: int, top: int, colour, letter: str, rng: np.random.Generator, scale: int = 1
+) -> None:
+    """A box of side `GLYPH * scale + 4`: a one-pixel `colour` frame, a noisy light inside and the letter in dark
+    grey at `(left + 2, top + 2)`, each font pixel `scale` pixels wide."""
+    side = GLYPH * scale + 4
     pixels[top : top + side, left : left + side] = colour
     inside = side - 2
     pixels[top + 1 : top + side - 1, left + 1 : left + side - 1] = rng.integers(190, 256, size=(inside, inside, 1))
-    ink = glyph_mask(letter)
-    region = pixels[top + 2 : top + 2 + GLYPH, left + 2 : left + 2 + GLYPH]
+    ink = np.kron(glyph_mask(letter), np.ones((scale, scale), dtype=bool))
+    region = pixels[top + 2 : top + 2 + GLYPH * scale, left + 2 : left + 2 + GLYPH * scale]
     region[ink] = rng.integers(0, 70, size=(int(ink.sum()), 1))
 
 
@@ -159,6 +161,7 @@ def make_sample(
     clutter: int = 6,
     boxes: int = 4,
     letter_clutter: float = 0.5,
+    letter_scale: int = 1,
 ) -> VisualSearchSample:
     """The sample `index` of `split` (deterministic).
 
@@ -169,6 +172,8 @@ def make_sample(
         kind: `"letter"` or `"colour"`; None alternates with the index (even: letter).
         clutter: how many unframed distractor letters and grey shapes to scatter (besides the question's own
             distractors: other boxes, or three other shapes).
+        letter_scale: font pixel size of the boxed letters; 1 (4 px letters) makes them illegible at low res,
+            larger ones are a legible control.
         letter_clutter: the share of clutter items that are unframed letters (the others are grey shapes).
         boxes: letter questions: how many framed boxes (1 to 4, each its own colour and letter); with one, the
             options are its letter and three others drawn at random.
@@ -180,6 +185,8 @@ def make_sample(
         raise ValueError(f"Unknown split {split!r}: use one of {sorted(SPLIT_IDS)}.")
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}.")
+    if not 1 <= letter_scale <= 4:
+        raise ValueError(f"letter_scale={letter_scale}: use 1 (illegible at low res) to 4.")
     if not 1 <= boxes <= 4:
         raise ValueError(f"boxes={boxes}: a letter question draws 1 to 4 framed boxes.")
     if size < 48:
@@ -200,10 +207,10 @@ def make_sample(
         colours = rng.choice(len(colour_names), size=4, replace=False)
         letters = rng.choice(len(LETTERS), size=4, replace=False)
         for colour, letter in zip(colours[:boxes], letters[:boxes], strict=True):
-            left, top = _free_spot(rng, size, TARGET_FRAME, taken, gap=3, aligned=True)
-            _draw_box(pixels, left, top, COLOURS[colour_names[colour]], LETTERS[letter], rng)
-        left, top = taken[0][:2]
-        target_box = (left, top, left + TARGET_FRAME, top + TARGET_FRAME)
+            box_side = GLYPH * letter_scale + 4
+            left, top = _free_spot(rng, size, box_side, taken, gap=3, aligned=True)
+            _draw_box(pixels, left, top, COLOURS[colour_names[colour]], LETTERS[letter], rng, letter_scale)
+        target_box = taken[0]
         answer, options = LETTERS[letters[0]], [LETTERS[i] for i in letters]
         question = f"what letter is in the {colour_names[colours[0]]} box ?"
     image = Image.fromarray(pixels)

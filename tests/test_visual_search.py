@@ -11,6 +11,7 @@ from hf_flexattention.visual_search import (
     SPLIT_IDS,
     TARGET_FRAME,
     downsample,
+    glyph_mask,
     make_sample,
     make_split,
     read_letter,
@@ -69,6 +70,17 @@ def test_letter_is_legible_at_high_res_only():
     assert low < 0.45
 
 
+@pytest.mark.parametrize("scale", [1, 3])
+def test_one_box_without_letter_clutter(scale):
+    """The training setting: one framed box, its letter drawn `scale` pixels per font pixel, no other letter."""
+    sample = make_sample("train", 4, kind="letter", boxes=1, letter_clutter=0.0, letter_scale=scale)
+    left, top, right, bottom = sample.target_box
+    assert right - left == 4 * scale + 4 and left % 4 == 2 and top % 4 == 2
+    pixels = np.asarray(sample.image).astype(int)
+    dark = (pixels.max(axis=-1) < 70).sum()  # letter ink is the only near-black: no clutter letter drawn
+    assert dark == int(np.kron(glyph_mask(sample.answer), np.ones((scale, scale))).sum())
+
+
 def test_downsample_matches_the_low_res_view_size():
     sample = make_sample("train", 0)
     assert downsample(sample.image, 3).size == (32, 32)
@@ -81,6 +93,8 @@ def test_downsample_matches_the_low_res_view_size():
         ({"split": "train", "index": -1}, "index must be"),
         ({"split": "train", "index": 0, "kind": "shape"}, "Unknown kind"),
         ({"split": "train", "index": 0, "size": 20}, "too small"),
+        ({"split": "train", "index": 0, "boxes": 0}, "1 to 4 framed boxes"),
+        ({"split": "train", "index": 0, "letter_scale": 5}, "letter_scale=5"),
     ],
 )
 def test_bad_arguments(kwargs, message):
