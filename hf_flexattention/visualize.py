@@ -18,6 +18,7 @@ Needs matplotlib: `pip install "hf_flexattention[viz]"`.
 
 import argparse
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,13 +238,13 @@ def _grid_figure(panels: list[tuple[str, Image.Image]], path: str, title: str, c
     plt = _pyplot()
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.4), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.8), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, (name, picture) in zip(axes.flat, panels, strict=False):
         axis.imshow(picture, interpolation="nearest")
         axis.set_title(name, fontsize=9)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(textwrap.fill(title, width=int(34 * columns)), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
