@@ -92,9 +92,8 @@ class FullHighResProcessor(FlexLlavaProcessor):
     """Expands `<image>` to every high-res tile's tokens (`zoom**2` times the low-res count), for the stock model
     that reads all of them; the collator below turns the high-res image into the tiles it encodes."""
 
-    @property
-    def num_image_tokens(self) -> int:
-        return super().num_image_tokens * self.zoom**2
+    def _num_image_tokens(self, low_res_side: int) -> int:
+        return super()._num_image_tokens(low_res_side) * self.zoom**2
 
 
 def build_model(
