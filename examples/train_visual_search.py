@@ -48,6 +48,7 @@ from hf_flexattention import FlexLlavaProcessor, patch_model
 from hf_flexattention.cost import LlavaShapes, decode_step_flops, prefill_flops
 from hf_flexattention.data import LlavaConversationCollator, LlavaSample
 from hf_flexattention.high_res import split_into_tiles
+from hf_flexattention.tiny import word_level_processor
 from hf_flexattention.tracing import FlexTrace
 from hf_flexattention.training import HighResRampCallback
 from hf_flexattention.visual_search import COLOURS, LETTERS, WORDS, glyph_mask, make_sample, to_conversation
@@ -60,32 +61,7 @@ IMAGE_TOKEN = "<image>"
 
 def build_processor(zoom: int = ZOOM) -> FlexLlavaProcessor:
     """A word-level tokenizer over the task's words and a PIL image processor at the tower's 32 px."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlavaImageProcessorPil, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + list(dict.fromkeys(WORDS)) + [IMAGE_TOKEN]
-    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    return FlexLlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        zoom=zoom,
-    )
+    return word_level_processor(list(dict.fromkeys(WORDS)), zoom, IMAGE_SIZE, PATCH_SIZE)
 
 
 class FullHighResProcessor(FlexLlavaProcessor):

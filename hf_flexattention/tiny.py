@@ -96,16 +96,25 @@ TINY_WORDS = (
 
 def build_tiny_processor(zoom: int = 3, image_size: int = 32, patch_size: int = 4):
     """A `FlexLlavaProcessor` for the tiny model: a word-level tokenizer built in code and a PIL image processor."""
+    fillers = [f"w{index}" for index in range(TINY_VOCAB_SIZE - 1 - len(_SPECIAL_TOKENS) - len(set(TINY_WORDS)))]
+    return word_level_processor(list(dict.fromkeys(TINY_WORDS)) + fillers, zoom, image_size, patch_size)
+
+
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def word_level_processor(words: list[str], zoom: int = 3, image_size: int = 32, patch_size: int = 4):
+    """A `FlexLlavaProcessor` over a whitespace word-level tokenizer built in code (no download).
+
+    Token ids: `<pad>`, `<s>`, `</s>`, `<unk>` are 0-3, `words` follow in order, and `<image>` comes last
+    (`len(words) + 4`); prompts are left padded. The image processor is LLaVA's PIL one at `image_size` pixels.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlavaImageProcessorPil, PreTrainedTokenizerFast
 
     from .processing_flex_llava import FlexLlavaProcessor
 
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = special + list(dict.fromkeys(TINY_WORDS))
-    words += [f"w{index}" for index in range(TINY_VOCAB_SIZE - 1 - len(words))]
-    vocab = {word: index for index, word in enumerate(words)}
-    vocab["<image>"] = TINY_IMAGE_TOKEN_ID
+    vocab = {word: index for index, word in enumerate([*_SPECIAL_TOKENS, *words, "<image>"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(

@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import pathlib
+import warnings
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +23,22 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def quiet_and_single_threaded():
+    """For training tests: no Trainer / transformers deprecation chatter (gradient_checkpointing ->
+    activation_checkpointing, ...), and one thread: the tiny model's matmuls are too small to gain from a second
+    one, and on a busy 2-core machine OpenMP threads spinning for each other made training loops up to 10x slower."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ of 16 here). Every test runs on the CPU, and again on CUDA where a GPU is presen
 """
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -39,17 +38,7 @@ DEVICES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_single_threaded():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny matmuls; see test_training.py
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_and_single_threaded")
 
 
 @pytest.fixture(scope="module")

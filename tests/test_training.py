@@ -28,20 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIGH_RES = ["hr_k_proj", "hr_v_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_single_threaded():
-    # Trainer / transformers deprecation chatter (gradient_checkpointing -> activation_checkpointing, ...).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        # The tiny model's matmuls are too small to gain from a second thread, and on a busy 2-core machine
-        # OpenMP threads spinning for each other made these training loops up to 10x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_and_single_threaded")
 
 
 @pytest.fixture(scope="module")
