@@ -336,6 +336,8 @@ def measure(runner: Runner, inputs: dict, args: argparse.Namespace) -> dict[str,
             for key in VARIANTS:
                 runner.use(key == "b")
                 clock = StepClock(device)
+                # The previous variant's output holds its cache (and state): freed first, or it counts in this peak.
+                output = None
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 synchronize(device)
@@ -355,11 +357,13 @@ def measure(runner: Runner, inputs: dict, args: argparse.Namespace) -> dict[str,
                 else:
                     kv = mebibytes([(layer.keys, layer.values) for layer in output.past_key_values.layers])
                     results[key]["memory"].append(kv + mebibytes(getattr(output.past_key_values, "flex_state", None)))
+    print(f"  timed rounds done ({time.strftime('%X')})", file=sys.stderr, flush=True)
     variant_inputs = {"a": low_res_inputs, "b": inputs, "c": full_inputs}
     for key in VARIANTS:
         runner.use(key == "b")
         results[key]["counts"] = decode_step_counts(model, variant_inputs[key], **runner.generate_kwargs)
         results[key]["prompt"] = variant_inputs[key]["input_ids"].shape[1]
+    print(f"  decode steps counted ({time.strftime('%X')})", file=sys.stderr, flush=True)
     runner.use(True)
     trace = []
     with torch.inference_mode():
@@ -400,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.type == "cuda" else torch.float32)
     setup = load(args, dtype)
     runner = Runner(setup.model, args)
-    all_results = {batch: measure(runner, setup.make_inputs(batch), args) for batch in args.batch_size}
+    all_results = {}
+    for batch in args.batch_size:
+        start = time.perf_counter()
+        all_results[batch] = measure(runner, setup.make_inputs(batch), args)
+        # Progress on stderr (stdout keeps one table): a run stopped early still shows what it measured.
+        print(f"batch {batch} measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        print(table({batch: all_results[batch]}, args.device.type == "cuda"), file=sys.stderr, flush=True)
 
     config = setup.model.config
     grid = config.low_res_grid
