@@ -6,6 +6,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     MistralConfig,
     Qwen2Config,
 )
@@ -15,6 +17,8 @@ TEXT_BACKBONES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2
 TINY_VOCAB_SIZE = 96
 TINY_IMAGE_TOKEN_ID = TINY_VOCAB_SIZE - 1
 TINY_PAD_TOKEN_ID = 0
+# Any-resolution grids of the tiny LLaVA-NeXT, (height, width) in pixels: crops of the 32 px tower in 1x2, 2x1, 2x2.
+TINY_IMAGE_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def tiny_llava_config(
@@ -64,6 +68,46 @@ def tiny_llava_config(
     )
 
 
+def tiny_llava_next_config(backbone: str = "llama", **kwargs) -> LlavaNextConfig:
+    """A small `LlavaNextConfig`: `tiny_llava_config`'s towers (same arguments) with `TINY_IMAGE_GRID_PINPOINTS`."""
+    llava = tiny_llava_config(backbone, **kwargs)
+    return LlavaNextConfig(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_index=llava.image_token_id,
+        image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
+        image_seq_length=llava.image_seq_length,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def _sharpen_attention(model, attention_sharpness: float):
+    # At the default init scale, tiny attention is almost uniform and every selection would be all-or-nothing;
+    # sharper queries and keys give the peaked attention maps that trained models have.
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(attention_sharpness)
+            layer.self_attn.k_proj.weight.mul_(attention_sharpness)
+    return model.eval()
+
+
+def build_tiny_llava_next(
+    backbone: str = "llama",
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    attention_sharpness: float = 16.0,
+    **config_kwargs,
+) -> LlavaNextForConditionalGeneration:
+    """A randomly initialised (seeded) tiny `LlavaNextForConditionalGeneration` in eval mode."""
+    config = tiny_llava_next_config(backbone, **config_kwargs)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return _sharpen_attention(LlavaNextForConditionalGeneration(config).to(dtype), attention_sharpness)
+
+
 def build_tiny_llava(
     backbone: str = "llama",
     *,
@@ -77,14 +121,7 @@ def build_tiny_llava(
     config = tiny_llava_config(backbone, **config_kwargs)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype)
-    # At the default init scale, tiny attention is almost uniform and every selection would be all-or-nothing;
-    # sharper queries and keys give the peaked attention maps that trained models have.
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(attention_sharpness)
-            layer.self_attn.k_proj.weight.mul_(attention_sharpness)
-    return model.eval()
+    return _sharpen_attention(LlavaForConditionalGeneration(config).to(dtype), attention_sharpness)
 
 
 TINY_WORDS = (
