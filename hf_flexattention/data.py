@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .modeling_flex_llava import IGNORE_INDEX
+from .modeling_flex import IGNORE_INDEX
 from .processing_flex_llava import FlexLlavaProcessor
 
 

@@ -13,13 +13,13 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from .attention import base_implementation_name
 from .configuration_flex_llava import FlexLlavaConfig, validate_flex_settings
-from .modeling_flex_llava import (
-    FlexLlavaForConditionalGeneration,
+from .modeling_flex import (
     install_flex_attention,
     sync_high_res_projections,
     text_decoder_layers,
     uninstall_flex_attention,
 )
+from .modeling_flex_llava import FlexLlavaForConditionalGeneration
 from .quantization import check_quantization
 
 

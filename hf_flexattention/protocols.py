@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from .modeling_flex_llava import IGNORE_INDEX
+from .modeling_flex import IGNORE_INDEX
 from .patching import is_patched
 from .processing_flex_llava import FlexLlavaProcessor
 

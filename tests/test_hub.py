@@ -38,6 +38,7 @@ REMOTE_CODE_FILES = {
     "attention.py",
     "configuration_flex_llava.py",
     "high_res.py",
+    "modeling_flex.py",
     "modeling_flex_llava.py",
     "processing_flex_llava.py",
     "projections.py",
