@@ -139,7 +139,7 @@ def _select_for_next_layer(call: FlexCall, layer_idx: int, plain: torch.Tensor) 
         else:
             draw = random_cells(call.row_positions(), layer_idx + 1, call.selection_grid, call.random_p, call.seed)
             cells = draw[:, None] & call.cell_inside
-        selected = cells[..., state.token_cell]  # batch, 1, rows, M
+        selected = state.tokens_of_cells(cells)  # batch, 1, rows, M
     call.selections[layer_idx + 1] = selected
     if call.trace is not None:
         call.trace.append((layer_idx + 1, selected.sum(dim=-1)[:, 0].cpu()))

@@ -38,7 +38,7 @@ def validate_flex_settings(
     num_layers: int,
     n_fa: int,
     threshold: float,
-    zoom: int,
+    zoom: int | None,
     selection: str,
     selection_grid: int | None,
     low_res_grid: int,
@@ -47,7 +47,8 @@ def validate_flex_settings(
     high_res_ramp: float,
     random_seed: int = 0,
 ) -> None:
-    """Raise a `ValueError`/`TypeError` naming the fix for any FlexAttention setting that cannot work."""
+    """Raise a `ValueError`/`TypeError` naming the fix for any FlexAttention setting that cannot work (`zoom=None`:
+    a family whose high-res pool is not a zoomed image, e.g. LLaVA-NeXT's crops)."""
     if isinstance(n_fa, bool) or not isinstance(n_fa, int):
         raise TypeError(
             f"`n_fa` must be an int (number of FlexAttention layers at the top), got {type(n_fa).__name__}."
@@ -68,9 +69,9 @@ def validate_flex_settings(
             else ""
         )
         raise ValueError(f"`threshold={threshold}` must lie in [0, 1) (normalised attention is compared to it).{hint}")
-    if isinstance(zoom, bool) or not isinstance(zoom, int):
+    if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, int)):
         raise TypeError(f"`zoom` must be an int (high-res side / low-res side), got {type(zoom).__name__}.")
-    if zoom < 1:
+    if zoom is not None and zoom < 1:
         raise ValueError(f"`zoom={zoom}` must be >= 1 (the released model uses zoom=3: 1008 px over a 336 px tower).")
     if selection not in SELECTION_MODES:
         raise ValueError(f"`selection={selection!r}` is not supported: use one of {SELECTION_MODES}.")
@@ -105,8 +106,51 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class FlexSettingsMixin:
+    """Properties derived from the `flex_*` fields, for every FlexAttention config class."""
+
+    @property
+    def low_res_grid(self) -> int:
+        """Side of the low-res image-token grid (24 for CLIP-L/14 at 336 px)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def resolved_selection_grid(self) -> int:
+        """`flex_selection_grid`, or the released ratio's default when it is None."""
+        if self.flex_selection_grid is not None:
+            return self.flex_selection_grid
+        return default_selection_grid(self.low_res_grid)
+
+    @property
+    def topk_cells(self) -> int:
+        """Cells of the selection grid the `"topk"` budget keeps per row (`selection.budget_cells`)."""
+        return budget_cells(self.flex_topk_ratio, self.resolved_selection_grid)
+
+    @property
+    def first_flex_layer(self) -> int:
+        """Index of the first hierarchical layer (`num_layers` when `flex_n_fa == 0`)."""
+        return self.text_config.num_hidden_layers - self.flex_n_fa
+
+    def _resolve_and_validate_flex_settings(self, zoom: int | None) -> None:
+        if self.flex_n_fa is None:
+            self.flex_n_fa = max(0, self.text_config.num_hidden_layers - RELEASED_PLAIN_LAYERS)
+        validate_flex_settings(
+            num_layers=self.text_config.num_hidden_layers,
+            n_fa=self.flex_n_fa,
+            threshold=self.flex_threshold,
+            zoom=zoom,
+            selection=self.flex_selection,
+            selection_grid=self.flex_selection_grid,
+            low_res_grid=self.low_res_grid,
+            topk_ratio=self.flex_topk_ratio,
+            random_p=self.flex_random_p,
+            high_res_ramp=self.flex_high_res_ramp,
+            random_seed=self.flex_random_seed,
+        )
+
+
 @strict
-class FlexLlavaConfig(LlavaConfig):
+class FlexLlavaConfig(FlexSettingsMixin, LlavaConfig):
     r"""
     A [`LlavaConfig`] with the settings of FlexAttention (Li et al., ECCV 2024).
 
@@ -152,48 +196,12 @@ class FlexLlavaConfig(LlavaConfig):
         if legacy_ramp is not None:
             self.flex_high_res_ramp = float(legacy_ramp)
         super().__post_init__(**kwargs)
-        if self.flex_n_fa is None:
-            self.flex_n_fa = max(0, self.text_config.num_hidden_layers - RELEASED_PLAIN_LAYERS)
-        validate_flex_settings(
-            num_layers=self.text_config.num_hidden_layers,
-            n_fa=self.flex_n_fa,
-            threshold=self.flex_threshold,
-            zoom=self.flex_zoom,
-            selection=self.flex_selection,
-            selection_grid=self.flex_selection_grid,
-            low_res_grid=self.low_res_grid,
-            topk_ratio=self.flex_topk_ratio,
-            random_p=self.flex_random_p,
-            high_res_ramp=self.flex_high_res_ramp,
-            random_seed=self.flex_random_seed,
-        )
-
-    @property
-    def low_res_grid(self) -> int:
-        """Side of the low-res image-token grid (24 for CLIP-L/14 at 336 px)."""
-        return self.vision_config.image_size // self.vision_config.patch_size
+        self._resolve_and_validate_flex_settings(zoom=self.flex_zoom)
 
     @property
     def high_res_grid(self) -> int:
         """Side of the high-res token grid (72 for zoom 3)."""
         return self.flex_zoom * self.low_res_grid
-
-    @property
-    def resolved_selection_grid(self) -> int:
-        """`flex_selection_grid`, or the released ratio's default when it is None."""
-        if self.flex_selection_grid is not None:
-            return self.flex_selection_grid
-        return default_selection_grid(self.low_res_grid)
-
-    @property
-    def topk_cells(self) -> int:
-        """Cells of the selection grid the `"topk"` budget keeps per row (`selection.budget_cells`)."""
-        return budget_cells(self.flex_topk_ratio, self.resolved_selection_grid)
-
-    @property
-    def first_flex_layer(self) -> int:
-        """Index of the first hierarchical layer (`num_layers` when `flex_n_fa == 0`)."""
-        return self.text_config.num_hidden_layers - self.flex_n_fa
 
 
 __all__ = ["FlexLlavaConfig"]

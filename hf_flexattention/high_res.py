@@ -39,17 +39,19 @@ def encode_high_res_features(
     return stitch_tile_features(encode_tiles(tiles), zoom)
 
 
-def interpolate_rotary(table: torch.Tensor, high_res_grid: int) -> torch.Tensor:
-    """Bicubically interpolate `(n, g*g, d)` RoPE cos or sin of the low-res image tokens to `(n, G*G, d)`.
+def interpolate_rotary(table: torch.Tensor, high_res_grid: int | tuple[int, int]) -> torch.Tensor:
+    """Bicubically interpolate `(n, g*g, d)` RoPE cos or sin of the low-res image tokens to `(n, H*W, d)`.
 
-    Each high-res key then gets (about) the rotary phase of the low-res token that covers its location, as in
-    the released FlexAttention model (align_corners=False; cos and sin are interpolated separately).
+    `high_res_grid` is `G` (a `G x G` grid) or `(H, W)` (LLaVA-NeXT's unpadded crop grid, which covers the same
+    image as its base tokens). Each high-res key then gets (about) the rotary phase of the low-res token that covers
+    its location, as in the released FlexAttention model (align_corners=False; cos and sin interpolated separately).
     """
+    height, width = (high_res_grid, high_res_grid) if isinstance(high_res_grid, int) else high_res_grid
     n, tokens, dim = table.shape
     grid = int(round(tokens**0.5))
     planes = table.float().reshape(n, grid, grid, dim).permute(0, 3, 1, 2)
-    resized = F.interpolate(planes, size=(high_res_grid, high_res_grid), mode="bicubic", align_corners=False)
-    return resized.permute(0, 2, 3, 1).reshape(n, high_res_grid * high_res_grid, dim)
+    resized = F.interpolate(planes, size=(height, width), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(n, height * width, dim)
 
 
 def rotary_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

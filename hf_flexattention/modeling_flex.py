@@ -84,6 +84,27 @@ def uninstall_flex_attention(model: nn.Module) -> None:
         layer.self_attn.config = text_config
 
 
+def distinct_images(*per_image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which images differ from the one before them, and each image's index among the distinct ones.
+
+    `generate` repeats each sample for every beam or returned sequence, next to each other: keeping one copy of each
+    run of equal images (equal in every tensor given: pixels, prompt positions, sizes) encodes and stores each
+    image once.
+
+    Args:
+        per_image: tensors with one row per image on dim 0; None entries are skipped.
+
+    Returns:
+        `(distinct (n,) bool, index (n,) long)`: `index[i]` is image `i`'s row among the distinct images.
+    """
+    tensors = [tensor for tensor in per_image if tensor is not None]
+    same = torch.ones(tensors[0].shape[0] - 1, dtype=torch.bool, device=tensors[0].device)
+    for tensor in tensors:
+        same &= (tensor[1:] == tensor[:-1]).flatten(1).all(dim=1)
+    distinct = torch.cat([same.new_ones(1), ~same])
+    return distinct, distinct.long().cumsum(0) - 1
+
+
 class FlexAttentionMixin:
     """What every FlexAttention model class adds to its stock Llava-family class (listed first in its bases)."""
 

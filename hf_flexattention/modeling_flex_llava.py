@@ -27,6 +27,7 @@ from .configuration_flex_llava import FlexLlavaConfig
 from .high_res import encode_high_res_features, interpolate_rotary, rotary_table
 from .modeling_flex import (
     FlexAttentionMixin,
+    distinct_images,
     install_flex_attention,
     sync_high_res_projections,
 )
@@ -190,16 +191,9 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
             position_ids = torch.arange(image_mask.shape[1], device=device)[None]
         rotary_positions = position_ids.expand(batch, -1)[image_rows].gather(1, image_positions)
 
-        # generate repeats each sample for every beam / returned sequence: keep one copy of each (image, position).
-        same_as_previous = (
-            (high_res_pixel_values[1:] == high_res_pixel_values[:-1]).flatten(1).all(dim=1)
-            & (image_positions[1:] == image_positions[:-1]).all(dim=1)
-            & (rotary_positions[1:] == rotary_positions[:-1]).all(dim=1)
+        distinct, distinct_index = distinct_images(
+            high_res_pixel_values, image_positions, rotary_positions, original_image_sizes
         )
-        if original_image_sizes is not None:
-            same_as_previous &= (original_image_sizes[1:] == original_image_sizes[:-1]).all(dim=1)
-        distinct = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])
-        distinct_index = distinct.long().cumsum(0) - 1
         sample_image = torch.where(sample_image >= 0, distinct_index[sample_image.clamp(min=0)], -1)
 
         features = self.encode_high_res(

@@ -9,10 +9,11 @@ decoder layers and routes the language model's attention through FlexAttention.
 import dataclasses
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from .attention import base_implementation_name
 from .configuration_flex_llava import FlexLlavaConfig, validate_flex_settings
+from .configuration_flex_llava_next import FlexLlavaNextConfig
 from .modeling_flex import (
     install_flex_attention,
     sync_high_res_projections,
@@ -20,6 +21,7 @@ from .modeling_flex import (
     uninstall_flex_attention,
 )
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
+from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration, check_servable
 from .quantization import check_quantization
 
 
@@ -30,9 +32,53 @@ _ORIGINAL_CONFIG_ENTRIES = "_flex_original_config_entries"
 _CONFIG_ENTRIES_TO_RESTORE = ("model_type", "architectures", "auto_map")
 
 
-def _flex_fields() -> list[str]:
-    parent = {field.name for field in dataclasses.fields(LlavaConfig)}
-    return [field.name for field in dataclasses.fields(FlexLlavaConfig) if field.name not in parent]
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """A Llava family FlexAttention patches: its stock and FlexAttention classes, and the method that tells a
+    FlexAttention model of this family loaded as remote code (another copy of the class) by what it can do."""
+
+    model_class: type
+    config_class: type
+    flex_model_class: type
+    flex_config_class: type
+    contract_method: str
+
+    def flex_fields(self) -> list[str]:
+        parent = {field.name for field in dataclasses.fields(self.config_class)}
+        return [field.name for field in dataclasses.fields(self.flex_config_class) if field.name not in parent]
+
+
+FAMILIES = (
+    _Family(
+        LlavaForConditionalGeneration,
+        LlavaConfig,
+        FlexLlavaForConditionalGeneration,
+        FlexLlavaConfig,
+        "encode_high_res",
+    ),
+    _Family(
+        LlavaNextForConditionalGeneration,
+        LlavaNextConfig,
+        FlexLlavaNextForConditionalGeneration,
+        FlexLlavaNextConfig,
+        "encode_images",
+    ),
+)
+
+
+def _family_of(model) -> _Family | None:
+    """The family of a stock or FlexAttention model (None for any other model)."""
+    for family in FAMILIES:
+        if type(model) is family.model_class or isinstance(model, family.flex_model_class):
+            return family
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if (
+            isinstance(model, family.model_class)
+            and model_type == family.flex_config_class.model_type
+            and callable(getattr(model, family.contract_method, None))
+        ):
+            return family
+    return None
 
 
 def _reject_peft(model) -> None:
@@ -73,13 +119,17 @@ def _reject_sharded(model) -> None:
         )
 
 
-def _check_supported(model) -> None:
-    if not is_patched(model) and type(model) is not LlavaForConditionalGeneration:
+def _check_supported(model) -> _Family:
+    family = _family_of(model)
+    if family is None:
         raise TypeError(
-            f"patch_model supports LlavaForConditionalGeneration models (LLaVA-1.5 style, one image grid, with a "
-            f"Llama, Mistral or Qwen2 language model); got {type(model).__name__}. Load the checkpoint with "
-            "`LlavaForConditionalGeneration.from_pretrained(...)`."
+            "patch_model supports LlavaForConditionalGeneration (LLaVA-1.5 style, one image grid) and "
+            "LlavaNextForConditionalGeneration (LLaVA-NeXT, any-resolution crops) models with a Llama, Mistral or "
+            f"Qwen2 language model; got {type(model).__name__}. Load the checkpoint with one of those classes "
+            "(LLaVA-OneVision, video and multi-image models are not supported)."
         )
+    if family.model_class is LlavaNextForConditionalGeneration:
+        check_servable(model.config)
     for layer in text_decoder_layers(model):
         attention = getattr(layer, "self_attn", None)
         if attention is None or not all(hasattr(attention, name) for name in ("k_proj", "v_proj", "layer_idx")):
@@ -87,6 +137,7 @@ def _check_supported(model) -> None:
                 "The language model's decoder layers must have `self_attn` with `k_proj`, `v_proj` and `layer_idx` "
                 f"(Llama/Mistral/Qwen2 style); {type(layer).__name__} does not."
             )
+    return family
 
 
 def patch_model(
@@ -94,7 +145,7 @@ def patch_model(
     n_fa: int,
     threshold: float = 48 / 255,
     *,
-    zoom: int = 3,
+    zoom: int | None = None,
     selection: str = "threshold",
     selection_grid: int | None = None,
     topk_ratio: float = 0.1,
@@ -105,11 +156,14 @@ def patch_model(
     """Turn a loaded Llava model into a FlexAttention model, in place, and return it.
 
     Args:
-        model: a `LlavaForConditionalGeneration` (patch it before `get_peft_model`).
+        model: a `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` (patch it before
+            `get_peft_model`). LLaVA-NeXT's high-res pool is its own any-resolution crops
+            (`FlexLlavaNextForConditionalGeneration`).
         n_fa: number of FlexAttention layers at the top of the language model (`0` = patched but inert;
             the released LLaVA-1.5-7B model uses 23 of 32).
         threshold: normalised-attention threshold in [0, 1) (the official `48` means `48 / 255`).
-        zoom: high-res side over the vision tower's input side (3: 1008 px for a 336 px tower).
+        zoom: high-res side over the vision tower's input side (LLaVA-1.5; default 3: 1008 px for a 336 px tower).
+            LLaVA-NeXT has no zoom (its crops are the high-res view): leave it None.
         selection: `"threshold"` (paper), `"topk"` (a budget: `topk_ratio` of the high-res tokens, in whole cells
             of the selection grid, the same number for every row) or `"random"`
             (ablation: each cell with probability `random_p`, seeded by `random_seed`).
@@ -125,9 +179,11 @@ def patch_model(
     re-configures it (layers that stop being FlexAttention layers lose their hr projections).
 
     Returns:
-        `model` itself, now a `FlexLlavaForConditionalGeneration`. It uses high-res tokens only when called with
-        `high_res_pixel_values` (and `original_image_sizes`), which `FlexLlavaProcessor` makes; without them it
-        computes what the stock model does.
+        `model` itself, now a `FlexLlavaForConditionalGeneration` (or a `FlexLlavaNextForConditionalGeneration`).
+        A Llava model uses high-res tokens only when called with `high_res_pixel_values` (and
+        `original_image_sizes`), which `FlexLlavaProcessor` makes; without them it computes what the stock model
+        does. A LLaVA-NeXT model takes the stock image processor's crops as its high-res tokens; its prompt holds
+        the base image's tokens only (`FlexLlavaNextProcessor`).
 
     Cost: each FlexAttention layer gains two `hidden x kv_dim` projections (772M parameters, 1.44 GiB in fp16, for
     LLaVA-1.5-7B with `n_fa=23`), and generation keeps every image's high-res keys of each FlexAttention layer
@@ -155,10 +211,17 @@ def patch_model(
     ```
     """
     _reject_peft(model)
-    _check_supported(model)
+    family = _check_supported(model)
     _reject_sharded(model)
     check_quantization(model)
     config = model.config
+    has_zoom = "flex_zoom" in family.flex_fields()
+    if not has_zoom and zoom is not None:
+        raise ValueError(
+            f"`zoom={zoom}` does not apply to {family.model_class.__name__}: its high-res tokens are its own "
+            "any-resolution crops. Leave `zoom` unset."
+        )
+    zoom = (3 if zoom is None else zoom) if has_zoom else None
     low_res_grid = config.vision_config.image_size // config.vision_config.patch_size
     validate_flex_settings(
         num_layers=config.text_config.num_hidden_layers,
@@ -178,7 +241,6 @@ def patch_model(
         "flex_threshold": float(threshold)
         if isinstance(threshold, int) and not isinstance(threshold, bool)
         else threshold,
-        "flex_zoom": zoom,
         "flex_selection": selection,
         "flex_selection_grid": selection_grid,
         "flex_topk_ratio": topk_ratio,
@@ -186,6 +248,8 @@ def patch_model(
         "flex_random_seed": random_seed,
         "flex_high_res_ramp": float(high_res_ramp),
     }
+    if has_zoom:
+        settings["flex_zoom"] = zoom
     if is_patched(model):
         if all(getattr(config, name) == value for name, value in settings.items()):
             return model
@@ -196,8 +260,8 @@ def patch_model(
         entries = {name: config.__dict__[name] for name in _CONFIG_ENTRIES_TO_RESTORE if name in config.__dict__}
         setattr(model, _ORIGINAL_CONFIG_ENTRIES, entries)
         config.__dict__.pop("model_type", None)
-        config.__class__ = FlexLlavaConfig
-        model.__class__ = FlexLlavaForConditionalGeneration
+        config.__class__ = family.flex_config_class
+        model.__class__ = family.flex_model_class
     for name, value in settings.items():
         object.__setattr__(config, name, value)
     sync_high_res_projections(model, n_fa)
@@ -205,17 +269,20 @@ def patch_model(
     return model
 
 
-def unpatch_model(model: FlexLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+def unpatch_model(
+    model: FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration,
+) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
     """Undo `patch_model` in place: original class, config and state dict (hr projections removed)."""
     if not is_patched(model):
         raise ValueError("This model is not patched with FlexAttention: there is nothing to unpatch.")
+    family = _family_of(model)
     model_class, config_class, attn_implementation = getattr(
-        model, _ORIGINAL_CLASSES, (LlavaForConditionalGeneration, LlavaConfig, None)
+        model, _ORIGINAL_CLASSES, (family.model_class, family.config_class, None)
     )
     sync_high_res_projections(model, 0)
     uninstall_flex_attention(model)
     config = model.config
-    for name in _flex_fields():
+    for name in family.flex_fields():
         config.__dict__.pop(name, None)
     config.__class__ = config_class
     text_config = config.text_config
@@ -239,13 +306,8 @@ def is_patched(model) -> bool:
 
     A checkpoint loaded with `trust_remote_code=True` before `import hf_flexattention` has another copy of
     `FlexLlavaForConditionalGeneration` as its class (from the checkpoint's files), so models are recognised by what
-    they are (a Llava model whose config has `model_type="flex_llava"` and that encodes high-res images), not by the
-    identity of this package's class.
+    they are (a Llava or LLaVA-NeXT model whose config has the FlexAttention `model_type` and that has the family's
+    encoding method), not by the identity of this package's class.
     """
-    if isinstance(model, FlexLlavaForConditionalGeneration):
-        return True
-    return (
-        isinstance(model, LlavaForConditionalGeneration)
-        and getattr(model.config, "model_type", None) == FlexLlavaConfig.model_type
-        and callable(getattr(model, "encode_high_res", None))
-    )
+    family = _family_of(model)
+    return family is not None and type(model) is not family.model_class

@@ -171,13 +171,18 @@ def random_cells(positions: torch.Tensor, layer: int, selection_grid: int, p: fl
     return x < round(p * 2**32)
 
 
-def token_cells(selection_grid: int, high_res_grid: int, device: torch.device | None = None) -> torch.Tensor:
-    """`(G * G,)` long: the coarse cell (row-major) of each high-res token, as nearest upsampling assigns it.
+def token_cells(
+    selection_grid: int, high_res_grid: int | tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
+    """`(H * W,)` long: the coarse cell (row-major) of each high-res token, as nearest upsampling assigns it.
 
-    High-res row `y` falls in coarse row `floor(y * s / G)` (`F.interpolate(mode="nearest")`), columns alike.
+    `high_res_grid` is `G` (a `G x G` grid) or `(H, W)`. High-res row `y` falls in coarse row `floor(y * s / H)`
+    (`F.interpolate(mode="nearest")`), columns alike.
     """
-    index = torch.arange(high_res_grid, device=device) * selection_grid // high_res_grid
-    return (index[:, None] * selection_grid + index[None, :]).flatten()
+    height, width = (high_res_grid, high_res_grid) if isinstance(high_res_grid, int) else high_res_grid
+    rows = torch.arange(height, device=device) * selection_grid // height
+    columns = torch.arange(width, device=device) * selection_grid // width
+    return (rows[:, None] * selection_grid + columns[None, :]).flatten()
 
 
 def select_high_res_tokens(

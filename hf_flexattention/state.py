@@ -108,7 +108,10 @@ class FlexState:
         rows_are_images: whether sequence `i` holds image `i` for every `i`, so that per-image tensors serve the
             batch as they are (no gather per layer).
         pooling_windows: `(s * s, w)` low-res cells of each coarse cell's pooling window (`selection.pooling_windows`).
-        token_cell: `(M,)` coarse cell of each high-res token (`selection.token_cells`).
+        token_cell: `(M,)` coarse cell of each high-res token (`selection.token_cells`), the same for every image;
+            or `(n_images, M)` when images have pools of different shapes (LLaVA-NeXT's crop grids), with
+            `token_valid` marking each image's real tokens (pools are padded to the largest).
+        token_valid: None, or `(n_images, M)` bool with a `(n_images, M)` `token_cell`.
         high_res_keys: per FlexAttention layer, the rotated high-res keys of every token, `(n_images, kv_heads,
             head_dim, M)` (inference with a dense selection; filled at prefill).
     """
@@ -123,11 +126,20 @@ class FlexState:
     rows_are_images: bool
     pooling_windows: torch.Tensor
     token_cell: torch.Tensor
+    token_valid: torch.Tensor | None = None
     high_res_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def per_sequence(self, per_image: torch.Tensor) -> torch.Tensor:
         """`(n_images, ...)` -> `(batch, ...)`: as it is when `rows_are_images`, else one gather."""
         return per_image if self.rows_are_images else per_image[self.row_image]
+
+    def tokens_of_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1, rows, s * s)` selected coarse cells -> `(batch, 1, rows, M)` selected high-res tokens (the
+        released code's nearest upsampling; a padding slot of a smaller pool is never selected)."""
+        if self.token_valid is None:
+            return cells[..., self.token_cell]
+        index = self.per_sequence(self.token_cell)[:, None, None].expand(-1, 1, cells.shape[2], -1)
+        return cells.gather(-1, index) & self.per_sequence(self.token_valid)[:, None, None]
 
     def select_sequences(self, index: torch.Tensor) -> None:
         """Keep sequences `index` `(new_batch,)` (beam reordering, batch selection or repetition of the cache)."""

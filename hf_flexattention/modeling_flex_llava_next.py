@@ -1,0 +1,342 @@
+"""`FlexLlavaNextForConditionalGeneration`: LLaVA-NeXT whose any-resolution crops are FlexAttention's high-res pool.
+
+Stock LLaVA-NeXT puts two views of an image into the sequence: the base image (the whole image resized to the
+tower's input, `g x g` tokens) and every crop of its any-resolution grid, stitched and unpadded to the image's aspect
+ratio (`R x C` tokens), with an image-newline token closing each row: 2,928 tokens for a 672 x 672 image on
+LLaVA-NeXT-7B. Here the prompt holds the base tokens only ([`FlexLlavaNextProcessor`]); the crops' features, in their
+spatial layout after unpadding, are the high-res pool that the answer rows select from. The same single vision pass
+makes both, so nothing is encoded twice.
+
+* Selection. The base image and the unpadded crop grid both cover the whole image, so the released code's rule
+  carries over: the answer row's attention over the `g x g` base tokens picks cells of the `s x s` selection grid,
+  and each cell is upsampled (nearest) onto the `R x C` crop grid of that image, whatever its crop layout.
+* RoPE. High-res keys get the base tokens' cos/sin bicubically interpolated from `g x g` to `R x C`.
+* Image-newline tokens mark row ends in the stock sequence and carry no image content; a pool addressed by
+  position has no rows to end, so they are left out (the `image_newline` parameter stays, unused).
+* Without crops (`pixel_values` holding one patch per image, the base alone) the model is the stock model run on
+  the base image alone.
+
+Shipped as remote code with saved checkpoints: torch, transformers, the standard library and relative imports only.
+"""
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    LlavaNextForConditionalGeneration,
+)
+from transformers.cache_utils import Cache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_flex_llava_next import FlexLlavaNextConfig
+from .high_res import interpolate_rotary, rotary_table
+from .modeling_flex import FlexAttentionMixin, distinct_images, install_flex_attention, sync_high_res_projections
+from .selection import pool_cells, pooling_windows, token_cells
+from .state import FlexState
+
+
+def check_servable(config) -> None:
+    """Raise a ValueError naming what works if FlexAttention cannot serve this LLaVA-NeXT config.
+
+    The base image must be exactly the `g x g` tokens the selection map is read from (`"default"` drops CLIP's CLS
+    token; `"full"` with a CLS tower does not even run in stock LLaVA-NeXT), and every `image_grid_pinpoints` entry
+    must be whole crops of the tower's input, or the crop grid would not tile the pool.
+    """
+    if not hasattr(config, "image_grid_pinpoints") or not hasattr(config, "vision_config"):
+        raise ValueError(
+            f"FlexLlavaNextForConditionalGeneration cannot be built from a {type(config).__name__}: it needs a "
+            "LlavaNextConfig. Load a LLaVA-NeXT checkpoint, or patch a loaded LlavaNextForConditionalGeneration."
+        )
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported: "
+            "FlexAttention reads its selection from the base image's g x g tokens, which `'default'` (the released "
+            "LLaVA-NeXT setting) gives. Use vision_feature_select_strategy='default'."
+        )
+    side = config.vision_config.image_size
+    bad = [pair for pair in config.image_grid_pinpoints if any(int(value) % side for value in pair)]
+    if bad:
+        raise ValueError(
+            f"image_grid_pinpoints {bad} are not multiples of the vision tower's {side} px input: the any-resolution "
+            f"crops would not tile the high-res pool. Use pinpoints made of whole {side} px crops."
+        )
+
+
+class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForConditionalGeneration):
+    """A [`LlavaNextForConditionalGeneration`] with FlexAttention in its top `config.flex_n_fa` decoder layers.
+
+    The prompt holds the base image's `g x g` tokens; the any-resolution crops are the high-res pool (module
+    docstring). Inputs are the stock processor's `pixel_values` `(n_images, patches, 3, S, S)` (base first, then the
+    crops) and `image_sizes` `(n_images, 2)`, with the text expanded by [`FlexLlavaNextProcessor`].
+    """
+
+    config_class = FlexLlavaNextConfig
+
+    def __init__(self, config: FlexLlavaNextConfig):
+        check_servable(config)
+        super().__init__(config)
+        sync_high_res_projections(self, config.flex_n_fa)
+        install_flex_attention(self)
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        """False: `generate` would otherwise encode `pixel_values` before the prefill and drop `image_sizes`, and the
+        crops must become the pool, not image tokens. The forward encodes them, once."""
+        return False
+
+    def _encode_patches(self, patches: torch.Tensor, vision_feature_layer: int | list[int]) -> torch.Tensor:
+        """`(k, 3, S, S)` patches -> `(k, g*g, D)` projected features (stock `get_image_features` before packing)."""
+        outputs = self.model.vision_tower(patches, output_hidden_states=True, return_dict=True)
+        if isinstance(vision_feature_layer, int):
+            hidden = outputs.hidden_states[vision_feature_layer]
+        else:
+            hidden = torch.cat([outputs.hidden_states[index] for index in vision_feature_layer], dim=-1)
+        return self.model.multi_modal_projector(hidden[:, 1:])  # "default": the CLS token is dropped
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, vision_feature_layer: int | list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode base images and crops in one vision pass.
+
+        Args:
+            pixel_values: `(n, patches, 3, S, S)`, base first (stock LLaVA-NeXT layout, zero patches padding the
+                batch); `patches == 1` withholds the crops.
+            image_sizes: `(n, 2)` original (height, width).
+
+        Returns:
+            `base (n, g*g, D)` and, per image, its crop features `(R, C, D)` after unpadding (stock
+            `pack_image_features` without the newline tokens; `(0, 0, D)` when the crops are withheld).
+        """
+        config, side = self.config, self.config.vision_config.image_size
+        grid = config.low_res_grid
+        pinpoints = config.image_grid_pinpoints
+        sizes = image_sizes.tolist()
+        if pixel_values.shape[1] == 1:
+            counts = [1] * len(sizes)
+        else:
+            counts = [image_size_to_num_patches(size, pinpoints, side) for size in sizes]
+        patches = torch.cat([images[:count] for images, count in zip(pixel_values, counts, strict=True)])
+        features = self._encode_patches(patches.to(self.model.vision_tower.dtype), vision_feature_layer)
+        per_image = features.split(counts)
+        crops = []
+        for image, size in zip(per_image, sizes, strict=True):
+            dim = image.shape[-1]
+            if image.shape[0] == 1:
+                crops.append(image.new_zeros(0, 0, dim))
+                continue
+            rows, cols = get_anyres_image_grid_shape(size, pinpoints, side)
+            stitched = image[1:].view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3)
+            unpadded = unpad_image(stitched.reshape(dim, rows * grid, cols * grid), size)
+            crops.append(unpadded.permute(1, 2, 0))
+        return torch.stack([image[0] for image in per_image]), crops
+
+    def _check_inputs(
+        self, image_mask: torch.Tensor, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Check the images against the prompt; return the `(batch,)` image index of each sequence (-1: none)."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5:
+            raise ValueError(
+                "`pixel_values` must be a (n_images, patches, 3, H, W) tensor, as the LLaVA-NeXT image processor "
+                f"returns with return_tensors='pt'; got {getattr(pixel_values, 'shape', type(pixel_values))}."
+            )
+        n_images = pixel_values.shape[0]
+        if not isinstance(image_sizes, torch.Tensor) or tuple(image_sizes.shape) != (n_images, 2):
+            raise ValueError(
+                f"`image_sizes` must be a ({n_images}, 2) tensor of each image's (height, width), as the processor "
+                f"returns; got {getattr(image_sizes, 'shape', image_sizes)}."
+            )
+        tokens_per_image = self.config.low_res_grid**2
+        image_tokens = image_mask.sum(dim=1)
+        if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
+            raise ValueError(
+                f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (the base image; one image per "
+                f"sample), got {image_tokens.tolist()}. Build prompts with FlexLlavaNextProcessor, which expands "
+                "<image> to the base image's tokens only (a stock LlavaNextProcessor also counts the crops)."
+            )
+        has_image = image_tokens > 0
+        if int(has_image.sum()) != n_images:
+            raise ValueError(
+                f"`pixel_values` holds {n_images} images but the prompts hold {int(has_image.sum())}: pass one image "
+                "per sample that has an image, in batch order."
+            )
+        return torch.where(has_image, has_image.long().cumsum(0) - 1, -1)
+
+    def _build_state(
+        self,
+        image_mask: torch.Tensor,
+        rotary_positions: torch.Tensor,
+        sample_image: torch.Tensor,
+        crops: list[torch.Tensor],
+    ) -> FlexState | None:
+        """Lay the crops out as the high-res pool of each sequence (prefill; host syncs allowed).
+
+        Args:
+            image_mask: `(batch, length)` where the base image tokens are.
+            rotary_positions: `(n, g*g)` the RoPE positions of each distinct image's base tokens.
+            sample_image: `(batch,)` index into `crops` of each sequence's image (-1: none).
+            crops: per distinct image, its `(R, C, D)` crop features (`encode_images`).
+        """
+        if all(crop.shape[0] == 0 for crop in crops):
+            return None
+        batch, device = image_mask.shape[0], image_mask.device
+        image_rows = (sample_image >= 0).nonzero().squeeze(1)
+        image_positions = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+        cos, sin = self.model.language_model.rotary_emb(crops[0].float(), position_ids=rotary_positions)
+
+        text_dtype = self.model.language_model.dtype
+        grid, selection_grid = self.config.low_res_grid, self.config.resolved_selection_grid
+        longest = max(crop.shape[0] * crop.shape[1] for crop in crops)
+        features = crops[0].new_zeros(len(crops), longest, crops[0].shape[-1], dtype=text_dtype)
+        rotary = features.new_zeros(len(crops), longest, 2, cos.shape[-1])
+        token_cell = torch.zeros(len(crops), longest, dtype=torch.long, device=device)
+        token_valid = torch.zeros(len(crops), longest, dtype=torch.bool, device=device)
+        for index, crop in enumerate(crops):
+            shape = tuple(crop.shape[:2])
+            tokens = shape[0] * shape[1]
+            if tokens == 0:
+                continue
+            features[index, :tokens] = crop.flatten(0, 1).to(text_dtype)
+            table = rotary_table(
+                interpolate_rotary(cos[index : index + 1], shape), interpolate_rotary(sin[index : index + 1], shape)
+            )
+            rotary[index, :tokens] = table[0].to(text_dtype)
+            token_cell[index, :tokens] = token_cells(selection_grid, shape, device)
+            token_valid[index, :tokens] = True
+
+        positions = torch.zeros(batch, grid * grid, dtype=torch.long, device=device)
+        positions[image_rows] = image_positions
+        inside = torch.zeros(batch, grid * grid, device=device)
+        # The base image is the whole image resized (no padding margin): every cell of an image's sequence is inside.
+        inside[image_rows] = 1.0
+        windows = pooling_windows(grid, selection_grid, device)
+        cell_inside = (pool_cells(inside, windows) > 0)[:, None, None]
+        return FlexState(
+            features=features,
+            rotary=rotary,
+            row_image=sample_image.clamp(min=0),
+            image_positions=positions[:, None, None],
+            inside=inside[:, None, None],
+            cell_inside=cell_inside,
+            empty_cells=torch.zeros_like(cell_inside),
+            rows_are_images=bool((sample_image == torch.arange(batch, device=device)).all()),
+            pooling_windows=windows,
+            token_cell=token_cell,
+            token_valid=token_valid,
+        )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        flex_answer_start: int | None = None,
+        flex_trace: list | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        r"""
+        The stock LLaVA-NeXT forward, with the base image's tokens in the prompt and the crops as the high-res pool:
+
+        pixel_values (`torch.Tensor` of shape `(n_images, patches, 3, S, S)`):
+            The stock image processor's patches, base first. One patch per image withholds the crops (the stock
+            model on the base image alone).
+        flex_answer_start (`int`, *optional*), flex_trace (`list`, *optional*):
+            As in [`FlexLlavaForConditionalGeneration.forward`].
+        """
+        if vision_feature_select_strategy not in (None, "default"):
+            raise ValueError(
+                f"vision_feature_select_strategy={vision_feature_select_strategy!r} is not supported by FlexAttention "
+                "on LLaVA-NeXT: leave it None (the config's 'default')."
+            )
+        if flex_answer_start is not None and (
+            isinstance(flex_answer_start, bool) or not isinstance(flex_answer_start, int)
+        ):
+            raise TypeError(f"`flex_answer_start` must be an int (a sequence index), got {flex_answer_start!r}.")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
+                "labels must align token by token with input_ids (-100 where no loss is wanted)."
+            )
+        build_state = None
+        if pixel_values is not None and pixel_values.shape[0] == 0:
+            pixel_values = None  # a batch of text-only prompts
+        if pixel_values is not None:
+            if mm_encoder_outputs is not None:
+                raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs`, not both.")
+            image_mask = self._image_token_mask(input_ids, inputs_embeds)
+            sample_image = self._check_inputs(image_mask, pixel_values, image_sizes)
+            image_rows = (sample_image >= 0).nonzero().squeeze(1)
+            placement = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+            if position_ids is None:
+                position_ids = torch.arange(image_mask.shape[1], device=image_mask.device)[None]
+            rotary_positions = position_ids.expand(len(image_mask), -1)[image_rows].gather(1, placement)
+            # Beams and returned sequences repeat each sample: encode and keep each (image, placement) once.
+            distinct, image_index = distinct_images(pixel_values, image_sizes, placement, rotary_positions)
+            layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+            base, crops = self.encode_images(pixel_values[distinct], image_sizes[distinct], layer)
+            mm_encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=list(base[image_index]))}
+            sequence_image = torch.where(sample_image >= 0, image_index[sample_image.clamp(min=0)], -1)
+            image_rotary_positions = rotary_positions[distinct]
+
+            def build_state(image_mask: torch.Tensor) -> FlexState | None:
+                return self._build_state(image_mask, image_rotary_positions, sequence_image, crops)
+
+        use_cache = kwargs.get("use_cache", self.config.text_config.use_cache)
+        flex_call, cache = self._prepare_flex_call(
+            input_ids, inputs_embeds, attention_mask, cache, labels, flex_answer_start, use_cache, build_state
+        )
+        if flex_call is not None:
+            flex_call.trace = flex_trace
+            kwargs["flex_call"] = flex_call
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+def _register() -> None:
+    for key in ("flex_llava_next", "FlexLlavaNextForConditionalGeneration"):
+        try:
+            register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping("llava_next"))
+        except ValueError:  # already registered: a re-import, or the plugin next to remote code
+            pass
+    try:
+        AutoConfig.register("flex_llava_next", FlexLlavaNextConfig)
+    except ValueError:
+        pass
+    try:
+        AutoModelForImageTextToText.register(FlexLlavaNextConfig, FlexLlavaNextForConditionalGeneration)
+    except ValueError:
+        pass
+    FlexLlavaNextConfig.register_for_auto_class("AutoConfig")
+    FlexLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+_register()
+
+__all__ = ["FlexLlavaNextForConditionalGeneration"]
