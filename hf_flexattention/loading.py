@@ -32,8 +32,9 @@ SETTINGS = {
 
 
 def flex_settings(model: FlexLlavaForConditionalGeneration) -> dict:
-    """The `patch_model` keyword arguments that reproduce `model`'s FlexAttention settings."""
-    return {name: getattr(model.config, field) for name, field in SETTINGS.items()}
+    """The `patch_model` keyword arguments that reproduce `model`'s FlexAttention settings (a family without a
+    setting, e.g. LLaVA-NeXT's `zoom`, leaves it out)."""
+    return {name: getattr(model.config, field) for name, field in SETTINGS.items() if hasattr(model.config, field)}
 
 
 def apply_settings(model, settings: dict | None = None) -> FlexLlavaForConditionalGeneration:
