@@ -15,6 +15,7 @@ from .modeling_flex_llava import FlexLlavaForConditionalGeneration  # noqa: E402
 from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration  # noqa: E402
 from .patching import is_patched, patch_model, unpatch_model  # noqa: E402
 from .processing_flex_llava import FlexLlavaProcessor  # noqa: E402
+from .processing_flex_llava_next import FlexLlavaNextProcessor  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "FlexLlavaForConditionalGeneration",
     "FlexLlavaNextConfig",
     "FlexLlavaNextForConditionalGeneration",
+    "FlexLlavaNextProcessor",
     "FlexLlavaProcessor",
     "__version__",
     "is_patched",

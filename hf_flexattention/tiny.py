@@ -131,30 +131,54 @@ TINY_WORDS = (
 ).split()
 
 
+def _tiny_words() -> list[str]:
+    # TINY_WORDS, then fillers up to the tiny vocabulary, so that `<image>` is TINY_IMAGE_TOKEN_ID.
+    words = list(dict.fromkeys(TINY_WORDS))
+    return words + [f"w{index}" for index in range(TINY_VOCAB_SIZE - 1 - len(_SPECIAL_TOKENS) - len(words))]
+
+
 def build_tiny_processor(zoom: int = 3, image_size: int = 32, patch_size: int = 4):
     """A `FlexLlavaProcessor` for the tiny model: a word-level tokenizer built in code and a PIL image processor."""
-    fillers = [f"w{index}" for index in range(TINY_VOCAB_SIZE - 1 - len(_SPECIAL_TOKENS) - len(set(TINY_WORDS)))]
-    return word_level_processor(list(dict.fromkeys(TINY_WORDS)) + fillers, zoom, image_size, patch_size)
+    return word_level_processor(_tiny_words(), zoom, image_size, patch_size)
+
+
+def build_tiny_next_processor(image_size: int = 32, patch_size: int = 4):
+    """A `FlexLlavaNextProcessor` for the tiny LLaVA-NeXT model (`build_tiny_llava_next`): `build_tiny_processor`'s
+    tokenizer and LLaVA-NeXT's PIL image processor at `image_size` pixels with `TINY_IMAGE_GRID_PINPOINTS`."""
+    from transformers import LlavaNextImageProcessorPil
+
+    from .processing_flex_llava_next import FlexLlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
+    )
+    return FlexLlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=word_level_tokenizer(_tiny_words()),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
 
 
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
-def word_level_processor(words: list[str], zoom: int = 3, image_size: int = 32, patch_size: int = 4):
-    """A `FlexLlavaProcessor` over a whitespace word-level tokenizer built in code (no download).
+def word_level_tokenizer(words: list[str]):
+    """A whitespace word-level `PreTrainedTokenizerFast` built in code (no download).
 
     Token ids: `<pad>`, `<s>`, `</s>`, `<unk>` are 0-3, `words` follow in order, and `<image>` comes last
-    (`len(words) + 4`); prompts are left padded. The image processor is LLaVA's PIL one at `image_size` pixels.
+    (`len(words) + 4`); prompts are left padded.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlavaImageProcessorPil, PreTrainedTokenizerFast
-
-    from .processing_flex_llava import FlexLlavaProcessor
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {word: index for index, word in enumerate([*_SPECIAL_TOKENS, *words, "<image>"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<s>",
         eos_token="</s>",
@@ -163,12 +187,21 @@ def word_level_processor(words: list[str], zoom: int = 3, image_size: int = 32, 
         padding_side="left",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def word_level_processor(words: list[str], zoom: int = 3, image_size: int = 32, patch_size: int = 4):
+    """A `FlexLlavaProcessor` over `word_level_tokenizer(words)` (`<image>` is `len(words) + 4`) and LLaVA's PIL
+    image processor at `image_size` pixels."""
+    from transformers import LlavaImageProcessorPil
+
+    from .processing_flex_llava import FlexLlavaProcessor
+
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return FlexLlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=word_level_tokenizer(words),
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
