@@ -95,6 +95,13 @@ def _check_shareable(model):
 def _check_processor(processor, config) -> None:
     if processor is None:
         return
+    if getattr(config, "flex_zoom", None) is None:  # LLaVA-NeXT
+        if type(processor).__name__ != "FlexLlavaNextProcessor":
+            raise TypeError(
+                f"`processor` must be a FlexLlavaNextProcessor, got {type(processor).__name__}. Wrap a LLaVA-NeXT "
+                "processor with `FlexLlavaNextProcessor.from_llava_next_processor(processor)`."
+            )
+        return
     if not (isinstance(processor, FlexLlavaProcessor) or type(processor).__name__ == "FlexLlavaProcessor"):
         raise TypeError(
             f"`processor` must be a FlexLlavaProcessor, got {type(processor).__name__}. Wrap a Llava processor with "
@@ -130,7 +137,7 @@ def _settings_table(config) -> str:
     else:
         span = f"layer {first}" if config.flex_n_fa == 1 else f"layers {first}-{layers - 1}"
         n_fa = f"{config.flex_n_fa} FlexAttention layer{'s' if config.flex_n_fa > 1 else ''} ({span} of {layers})"
-    grid, high_res_grid = config.resolved_selection_grid, config.high_res_grid
+    grid = config.resolved_selection_grid
     selection = {
         "threshold": f"`threshold`: cells above {config.flex_threshold:.4g} "
         f"({config.flex_threshold * 255:.4g}/255) of the min-max normalised map, pooled to {grid}x{grid}",
@@ -142,11 +149,7 @@ def _settings_table(config) -> str:
     rows = [
         ("`flex_n_fa`", n_fa),
         ("`flex_threshold`", f"{config.flex_threshold:.6g}"),
-        (
-            "`flex_zoom`",
-            f"{config.flex_zoom} ({config.flex_zoom * vision.image_size} px high-res image, "
-            f"{high_res_grid}x{high_res_grid} = {high_res_grid**2} high-res tokens)",
-        ),
+        _high_res_row(config),
         ("`flex_selection`", selection),
         ("`flex_high_res_ramp`", f"{config.flex_high_res_ramp:g} (training: alpha = min(1, epoch x ramp))"),
         ("language model", f"{text_config.model_type}, {layers} layers, hidden size {text_config.hidden_size}"),
@@ -159,7 +162,22 @@ def _settings_table(config) -> str:
     return "| setting | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
-def _usage(repo_id: str, base_model: str | None, zoom: int, has_processor: bool | None) -> str:
+def _high_res_row(config) -> tuple[str, str]:
+    if getattr(config, "flex_zoom", None) is None:  # LLaVA-NeXT: the crops are the high-res view
+        return (
+            "high-res tokens",
+            f"the unpadded any-resolution crops of `image_grid_pinpoints` {config.image_grid_pinpoints} (LLaVA-NeXT; "
+            "the prompt holds the base image's tokens only)",
+        )
+    side = config.high_res_grid
+    return (
+        "`flex_zoom`",
+        f"{config.flex_zoom} ({config.flex_zoom * config.vision_config.image_size} px high-res image, "
+        f"{side}x{side} = {side**2} high-res tokens)",
+    )
+
+
+def _usage(repo_id: str, base_model: str | None, zoom: int | None, has_processor: bool | None) -> str:
     def load(trust: str) -> str:
         lines = f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}"{trust})'
         if has_processor is not False:
@@ -173,15 +191,21 @@ def _usage(repo_id: str, base_model: str | None, zoom: int, has_processor: bool 
             if has_processor is False
             else ("If this repository holds no processor (`processor_config.json`)")
         )
+        base = base_model or "BASE_LLAVA_MODEL"
+        wrap_processor = (
+            "from hf_flexattention import FlexLlavaNextProcessor\n\n"
+            f'processor = FlexLlavaNextProcessor.from_llava_next_processor(AutoProcessor.from_pretrained("{base}"))'
+            if zoom is None
+            else "from hf_flexattention import FlexLlavaProcessor\n\n"
+            f'llava_processor = AutoProcessor.from_pretrained("{base}")\n'
+            f"processor = FlexLlavaProcessor.from_llava_processor(llava_processor, zoom={zoom})"
+        )
         build_processor = f"""
 
 {condition}, build one from the base model's with the plugin:
 
 ```python
-from hf_flexattention import FlexLlavaProcessor
-
-llava_processor = AutoProcessor.from_pretrained("{base_model or "BASE_LLAVA_MODEL"}")
-processor = FlexLlavaProcessor.from_llava_processor(llava_processor, zoom={zoom})
+{wrap_processor}
 ```"""
     return f"""With the plugin (`hf_flexattention`, installed from its source repository: it is not on PyPI
 yet; importing it registers the `flex_llava` type):
@@ -263,7 +287,7 @@ selected from the attention of the layer below.
 
 ## How to load
 
-{_usage(repo_id or "REPO_ID", base_model, config.flex_zoom, has_processor)}
+{_usage(repo_id or "REPO_ID", base_model, getattr(config, "flex_zoom", None), has_processor)}
 
 ## Citation
 

@@ -9,7 +9,9 @@ instead of the stock g*g + rows * (cols + 1) of base, unpadded crops and newline
 Shipped as remote code with saved checkpoints: torch, transformers, PIL and relative imports only.
 """
 
-from transformers import LlavaNextProcessor
+from transformers import AutoProcessor, LlavaNextProcessor
+
+from .configuration_flex_llava_next import FlexLlavaNextConfig
 
 
 class FlexLlavaNextProcessor(LlavaNextProcessor):
@@ -138,5 +140,9 @@ class FlexLlavaNextProcessor(LlavaNextProcessor):
 
 
 FlexLlavaNextProcessor.register_for_auto_class("AutoProcessor")
+try:  # with the plugin imported, AutoProcessor loads saved processors without trust_remote_code
+    AutoProcessor.register(FlexLlavaNextConfig, FlexLlavaNextProcessor)
+except ValueError:  # already registered: a re-import
+    pass
 
 __all__ = ["FlexLlavaNextProcessor"]

@@ -5,7 +5,7 @@ measures what the real checkpoint would cost. `--shape` in the benchmarks and in
 takes these names.
 """
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
 
 
 def _clip_vit_large_336() -> CLIPVisionConfig:
@@ -56,6 +56,44 @@ def shaped_llava_config(name: str) -> LlavaConfig:
         vision_config=_clip_vit_large_336(),
         text_config=_vicuna(*text),
         image_token_index=32000,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+# name: Hub id of the LLaVA-NeXT checkpoint whose shapes `shaped_llava_next_config` copies.
+NEXT_SHAPES = {"llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf"}
+
+
+def shaped_llava_next_config(name: str) -> LlavaNextConfig:
+    """The `LlavaNextConfig` of a released LLaVA-NeXT checkpoint, by short name (`NEXT_SHAPES`): CLIP-L/14 at 336 px,
+    Mistral-7B (32 layers, 4096 wide, 8 kv heads, full attention) and the five 336 px crop grids up to 672 x 672.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    if name not in NEXT_SHAPES:
+        raise ValueError(f"Unknown LLaVA-NeXT shape {name!r}: use one of {', '.join(NEXT_SHAPES)}.")
+    text = MistralConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        pad_token_id=32001,
+    )
+    return LlavaNextConfig(
+        vision_config=_clip_vit_large_336(),
+        text_config=text,
+        image_token_index=32000,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
         image_seq_length=576,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
