@@ -208,7 +208,7 @@ def _usage(repo_id: str, base_model: str | None, zoom: int | None, has_processor
 {wrap_processor}
 ```"""
     return f"""With the plugin (`hf_flexattention`, installed from its source repository: it is not on PyPI
-yet; importing it registers the `flex_llava` type):
+yet; importing it registers the FlexAttention model types):
 
 ```python
 import hf_flexattention  # noqa: F401

@@ -84,3 +84,25 @@ def test_cost_command_refuses_bad_input(capsys):
     with pytest.raises(SystemExit):
         cost.main(["--batch-size", "0"])
     assert "--batch-size >= 1" in capsys.readouterr().err
+
+
+# ----- LLaVA-NeXT: stock (crops in the sequence) against FlexAttention-NeXT (crops as the pool) ---------------------
+
+
+def test_next_benchmark_runs_both_variants_on_the_same_image(capsys):
+    benchmark_next = load_example("benchmark_next")
+    assert benchmark_next.main(["--new-tokens", "4", "--repeats", "1", "--threads", "1", "--text-tokens", "8"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    assert len(rows) == 2
+    prompt_tokens = [int(row.split("|")[2]) for row in rows]
+    syncs = [int(row.split("|")[6]) for row in rows]
+    # The tiny 64x64 image on a 2x2 grid: stock holds 64 base + 16x16 crop + 16 newline tokens, FlexAttention the base.
+    assert prompt_tokens == [64 + 256 + 16 + 8, 64 + 8]
+    assert syncs[1] == syncs[0]  # the FlexAttention decode step adds no host sync
+
+
+def test_next_benchmark_refuses_bad_input(capsys):
+    benchmark_next = load_example("benchmark_next")
+    with pytest.raises(SystemExit):
+        benchmark_next.main(["--new-tokens", "2"])
+    assert "--new-tokens >= 4" in capsys.readouterr().err
