@@ -37,6 +37,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .attention import register_flex_attention
 from .configuration_flex_llava_next import FlexLlavaNextConfig
 from .high_res import interpolate_rotary, rotary_table
 from .modeling_flex import FlexAttentionMixin, distinct_images, install_flex_attention, sync_high_res_projections
@@ -320,6 +321,8 @@ class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForCond
 
 
 def _register() -> None:
+    # Loaded as remote code, this module is the only one imported: it must register the attention it routes to.
+    register_flex_attention()
     for key in ("flex_llava_next", "FlexLlavaNextForConditionalGeneration"):
         try:
             register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping("llava_next"))
