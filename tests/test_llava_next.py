@@ -174,6 +174,9 @@ def crops_withheld(inputs) -> dict:
     return dict(inputs, pixel_values=inputs["pixel_values"][:, :1])
 
 
+# ===== the inputs ================================================================================================
+
+
 def test_the_inputs_have_the_crop_grids_the_tests_assume(batch_inputs):
     stock = build_tiny_llava_next()
     assert batch_inputs["image_sizes"].tolist() == [list(size) for size in SIZES]
@@ -184,6 +187,16 @@ def test_the_inputs_have_the_crop_grids_the_tests_assume(batch_inputs):
         assert features.shape[0] == BASE_TOKENS + rows * (cols + 1)
         newlines = features[BASE_TOKENS:].view(rows, cols + 1, -1)[:, -1]
         assert torch.equal(newlines, stock.model.image_newline.expand(rows, -1))
+
+
+def test_the_input_builder_makes_what_flex_llava_next_processor_makes(batch_inputs):
+    from hf_flexattention.tiny import build_tiny_next_processor
+
+    images = [image(SIZES[0], 1), image(SIZES[1], 2), image(SIZES[2], 3)]
+    made = build_tiny_next_processor()(images=images, text=list(PROMPTS), padding=True, return_tensors="pt")
+    assert made.keys() == batch_inputs.keys()
+    for key, value in batch_inputs.items():
+        assert torch.equal(made[key], value), key
 
 
 # ===== 1. crops withheld == the stock model on the base image alone ============================================
