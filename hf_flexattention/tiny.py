@@ -8,8 +8,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     MistralConfig,
     Qwen2Config,
+    SiglipVisionConfig,
 )
 
 
@@ -80,6 +83,51 @@ def tiny_llava_next_config(backbone: str = "llama", **kwargs) -> LlavaNextConfig
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def tiny_llava_onevision_config(
+    backbone: str = "qwen2", *, vision_aspect_ratio: str = "anyres_max_9", **kwargs
+) -> LlavaOnevisionConfig:
+    """A small `LlavaOnevisionConfig`: a SigLIP tower (no CLS token, `"full"` features) at `tiny_llava_config`'s
+    size, a `backbone` language model (Qwen2 as released), `TINY_IMAGE_GRID_PINPOINTS` and `vision_aspect_ratio`
+    (`"anyres_max_2"` shrinks the 2x2 grid's 16x16 crop tokens to 11x11, as large grids shrink on the real model)."""
+    llava = tiny_llava_config(backbone, **kwargs)
+    clip = llava.vision_config
+    vision_config = SiglipVisionConfig(
+        hidden_size=clip.hidden_size,
+        intermediate_size=clip.intermediate_size,
+        num_hidden_layers=clip.num_hidden_layers,
+        num_attention_heads=clip.num_attention_heads,
+        image_size=clip.image_size,
+        patch_size=clip.patch_size,
+        vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=llava.text_config,
+        image_token_index=llava.image_token_id,
+        video_token_index=llava.image_token_id - 1,
+        image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
+        vision_aspect_ratio=vision_aspect_ratio,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
+def build_tiny_llava_onevision(
+    backbone: str = "qwen2",
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    attention_sharpness: float = 16.0,
+    **config_kwargs,
+) -> LlavaOnevisionForConditionalGeneration:
+    """A randomly initialised (seeded) tiny `LlavaOnevisionForConditionalGeneration` in eval mode."""
+    config = tiny_llava_onevision_config(backbone, **config_kwargs)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return _sharpen_attention(LlavaOnevisionForConditionalGeneration(config).to(dtype), attention_sharpness)
 
 
 def _sharpen_attention(model, attention_sharpness: float):
