@@ -45,23 +45,35 @@ from .selection import pool_cells, pooling_windows, token_cells
 from .state import FlexState
 
 
-def check_servable(config) -> None:
-    """Raise a ValueError naming what works if FlexAttention cannot serve this LLaVA-NeXT config.
+def base_tokens_per_patch(config) -> int:
+    """Tokens one patch gives after `vision_feature_select_strategy`: `"default"` drops the first token (CLIP's CLS),
+    `"full"` keeps them all (SigLIP has no CLS token)."""
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    has_cls = not config.vision_config.model_type.startswith("siglip")
+    return grid * grid + int(has_cls) - int(config.vision_feature_select_strategy == "default")
 
-    The base image must be exactly the `g x g` tokens the selection map is read from (`"default"` drops CLIP's CLS
-    token; `"full"` with a CLS tower does not even run in stock LLaVA-NeXT), and every `image_grid_pinpoints` entry
-    must be whole crops of the tower's input, or the crop grid would not tile the pool.
+
+def check_servable(config) -> None:
+    """Raise a ValueError naming what works if FlexAttention cannot serve this LLaVA-NeXT / OneVision config.
+
+    The base image must be exactly the `g x g` tokens the selection map is read from: `"default"` on a tower with a
+    CLS token (CLIP: LLaVA-NeXT), `"full"` on one without (SigLIP: LLaVA-OneVision); any other pairing is off by one
+    (stock LLaVA-NeXT does not even run CLIP with `"full"`). Every `image_grid_pinpoints` entry must be whole crops
+    of the tower's input, or the crop grid would not tile the pool.
     """
     if not hasattr(config, "image_grid_pinpoints") or not hasattr(config, "vision_config"):
         raise ValueError(
-            f"FlexLlavaNextForConditionalGeneration cannot be built from a {type(config).__name__}: it needs a "
-            "LlavaNextConfig. Load a LLaVA-NeXT checkpoint, or patch a loaded LlavaNextForConditionalGeneration."
+            f"FlexAttention's any-resolution models cannot be built from a {type(config).__name__}: they need a "
+            "LlavaNextConfig or LlavaOnevisionConfig. Load such a checkpoint, or patch a loaded model."
         )
-    if config.vision_feature_select_strategy != "default":
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    strategy = config.vision_feature_select_strategy
+    if strategy not in ("default", "full") or base_tokens_per_patch(config) != grid * grid:
+        working = "full" if config.vision_config.model_type.startswith("siglip") else "default"
         raise ValueError(
-            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported: "
-            "FlexAttention reads its selection from the base image's g x g tokens, which `'default'` (the released "
-            "LLaVA-NeXT setting) gives. Use vision_feature_select_strategy='default'."
+            f"vision_feature_select_strategy={strategy!r} on a {config.vision_config.model_type} tower does not give "
+            f"the base image's {grid}x{grid} tokens that FlexAttention reads its selection from: use "
+            f"vision_feature_select_strategy={working!r} (as the released checkpoints do)."
         )
     side = config.vision_config.image_size
     bad = [pair for pair in config.image_grid_pinpoints if any(int(value) % side for value in pair)]
@@ -72,21 +84,9 @@ def check_servable(config) -> None:
         )
 
 
-class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForConditionalGeneration):
-    """A [`LlavaNextForConditionalGeneration`] with FlexAttention in its top `config.flex_n_fa` decoder layers.
-
-    The prompt holds the base image's `g x g` tokens; the any-resolution crops are the high-res pool (module
-    docstring). Inputs are the stock processor's `pixel_values` `(n_images, patches, 3, S, S)` (base first, then the
-    crops) and `image_sizes` `(n_images, 2)`, with the text expanded by [`FlexLlavaNextProcessor`].
-    """
-
-    config_class = FlexLlavaNextConfig
-
-    def __init__(self, config: FlexLlavaNextConfig):
-        check_servable(config)
-        super().__init__(config)
-        sync_high_res_projections(self, config.flex_n_fa)
-        install_flex_attention(self)
+class AnyResolutionFlexMixin(FlexAttentionMixin):
+    """FlexAttention for the any-resolution families (LLaVA-NeXT, LLaVA-OneVision): the base image in the prompt,
+    the crops as the high-res pool (module docstring). Listed before the stock class in a model's bases."""
 
     def _supports_mm_encoder_outputs(self) -> bool:
         """False: `generate` would otherwise encode `pixel_values` before the prefill and drop `image_sizes`, and the
@@ -100,7 +100,13 @@ class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForCond
             hidden = outputs.hidden_states[vision_feature_layer]
         else:
             hidden = torch.cat([outputs.hidden_states[index] for index in vision_feature_layer], dim=-1)
-        return self.model.multi_modal_projector(hidden[:, 1:])  # "default": the CLS token is dropped
+        if self.config.vision_feature_select_strategy == "default":  # the CLS token is dropped
+            hidden = hidden[:, 1:]
+        return self.model.multi_modal_projector(hidden)
+
+    def _shrink_crop_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """The unpadded `(D, R, C)` crop grid as the stock model puts it in its sequence (LLaVA-NeXT: unchanged)."""
+        return grid
 
     def encode_images(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, vision_feature_layer: int | list[int]
@@ -136,7 +142,7 @@ class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForCond
             rows, cols = get_anyres_image_grid_shape(size, pinpoints, side)
             stitched = image[1:].view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3)
             unpadded = unpad_image(stitched.reshape(dim, rows * grid, cols * grid), size)
-            crops.append(unpadded.permute(1, 2, 0))
+            crops.append(self._shrink_crop_grid(unpadded).permute(1, 2, 0))
         return torch.stack([image[0] for image in per_image]), crops
 
     def _check_inputs(
@@ -233,38 +239,30 @@ class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForCond
             token_valid=token_valid,
         )
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
+    def _prepare_any_resolution_call(
         self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: dict | None = None,
-        flex_answer_start: int | None = None,
-        flex_trace: list | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ):
-        r"""
-        The stock LLaVA-NeXT forward, with the base image's tokens in the prompt and the crops as the high-res pool:
-
-        pixel_values (`torch.Tensor` of shape `(n_images, patches, 3, S, S)`):
-            The stock image processor's patches, base first. One patch per image withholds the crops (the stock
-            model on the base image alone).
-        flex_answer_start (`int`, *optional*), flex_trace (`list`, *optional*):
-            As in [`FlexLlavaForConditionalGeneration.forward`].
-        """
-        if vision_feature_select_strategy not in (None, "default"):
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+        vision_feature_layer: int | list[int] | None,
+        vision_feature_select_strategy: str | None,
+        labels: torch.Tensor | None,
+        mm_encoder_outputs: dict | None,
+        flex_answer_start: int | None,
+        flex_trace: list | None,
+        kwargs: dict,
+    ) -> tuple[dict | None, Cache | None]:
+        """Check the inputs, encode the images (base features for the prompt, crops for the pool) and set up this
+        call's FlexAttention view in `kwargs`; returns the `mm_encoder_outputs` and cache to run the stock forward
+        with."""
+        if vision_feature_select_strategy not in (None, self.config.vision_feature_select_strategy):
             raise ValueError(
                 f"vision_feature_select_strategy={vision_feature_select_strategy!r} is not supported by FlexAttention "
-                "on LLaVA-NeXT: leave it None (the config's 'default')."
+                f"here: leave it None (the config's {self.config.vision_feature_select_strategy!r})."
             )
         if flex_answer_start is not None and (
             isinstance(flex_answer_start, bool) or not isinstance(flex_answer_start, int)
@@ -307,6 +305,69 @@ class FlexLlavaNextForConditionalGeneration(FlexAttentionMixin, LlavaNextForCond
         if flex_call is not None:
             flex_call.trace = flex_trace
             kwargs["flex_call"] = flex_call
+        return mm_encoder_outputs, cache
+
+
+class FlexLlavaNextForConditionalGeneration(AnyResolutionFlexMixin, LlavaNextForConditionalGeneration):
+    """A [`LlavaNextForConditionalGeneration`] with FlexAttention in its top `config.flex_n_fa` decoder layers.
+
+    The prompt holds the base image's `g x g` tokens; the any-resolution crops are the high-res pool (module
+    docstring). Inputs are the stock processor's `pixel_values` `(n_images, patches, 3, S, S)` (base first, then the
+    crops) and `image_sizes` `(n_images, 2)`, with the text expanded by [`FlexLlavaNextProcessor`].
+    """
+
+    config_class = FlexLlavaNextConfig
+
+    def __init__(self, config: FlexLlavaNextConfig):
+        check_servable(config)
+        super().__init__(config)
+        sync_high_res_projections(self, config.flex_n_fa)
+        install_flex_attention(self)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        flex_answer_start: int | None = None,
+        flex_trace: list | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        r"""
+        The stock LLaVA-NeXT forward, with the base image's tokens in the prompt and the crops as the high-res pool:
+
+        pixel_values (`torch.Tensor` of shape `(n_images, patches, 3, S, S)`):
+            The stock image processor's patches, base first. One patch per image withholds the crops (the stock
+            model on the base image alone).
+        flex_answer_start (`int`, *optional*), flex_trace (`list`, *optional*):
+            As in [`FlexLlavaForConditionalGeneration.forward`].
+        """
+        mm_encoder_outputs, cache = self._prepare_any_resolution_call(
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            image_sizes,
+            attention_mask,
+            position_ids,
+            cache,
+            vision_feature_layer,
+            vision_feature_select_strategy,
+            labels,
+            mm_encoder_outputs,
+            flex_answer_start,
+            flex_trace,
+            kwargs,
+        )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -725,7 +725,7 @@ def test_a_decode_step_costs_the_same_whatever_the_crop_grid(next_inputs):
 def test_the_full_select_strategy_is_refused():
     model = build_tiny_llava_next()
     model.config.vision_feature_select_strategy = "full"
-    with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported.*'default'"):
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full' on a clip.*use .*'default'"):
         patch_model(model, n_fa=2)
     assert not is_patched(model)
 
