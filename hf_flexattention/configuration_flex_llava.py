@@ -4,6 +4,7 @@ This file is shipped as remote code next to saved checkpoints, so it imports onl
 standard library and sibling files (relatively).
 """
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -106,6 +107,21 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+@dataclasses.dataclass
+class FlexSettings:
+    """The `flex_*` fields every FlexAttention config class has (documented in [`FlexLlavaConfig`]); a config class
+    lists this after `FlexSettingsMixin` and before its stock config class."""
+
+    flex_n_fa: int | None = None
+    flex_threshold: float = 48 / 255
+    flex_selection: Literal["threshold", "topk", "random"] = "threshold"
+    flex_selection_grid: int | None = None
+    flex_topk_ratio: float = 0.1
+    flex_random_p: float = 0.1
+    flex_random_seed: int = 0
+    flex_high_res_ramp: float = 10.0
+
+
 class FlexSettingsMixin:
     """Properties derived from the `flex_*` fields, for every FlexAttention config class."""
 
@@ -150,7 +166,7 @@ class FlexSettingsMixin:
 
 
 @strict
-class FlexLlavaConfig(FlexSettingsMixin, LlavaConfig):
+class FlexLlavaConfig(FlexSettingsMixin, FlexSettings, LlavaConfig):
     r"""
     A [`LlavaConfig`] with the settings of FlexAttention (Li et al., ECCV 2024).
 
@@ -181,15 +197,7 @@ class FlexLlavaConfig(FlexSettingsMixin, LlavaConfig):
 
     model_type = "flex_llava"
 
-    flex_n_fa: int | None = None
-    flex_threshold: float = 48 / 255
     flex_zoom: int = 3
-    flex_selection: Literal["threshold", "topk", "random"] = "threshold"
-    flex_selection_grid: int | None = None
-    flex_topk_ratio: float = 0.1
-    flex_random_p: float = 0.1
-    flex_random_seed: int = 0
-    flex_high_res_ramp: float = 10.0
 
     def __post_init__(self, **kwargs):
         legacy_ramp = kwargs.pop("flex_warmup", None)  # the field's name in configs saved before 0.2

@@ -5,16 +5,14 @@ LLaVA-NeXT's high-res pool is its own any-resolution crops (`image_grid_pinpoint
 Shipped as remote code next to saved checkpoints: torch, transformers, the standard library and relative imports.
 """
 
-from typing import Literal
-
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaNextConfig
 
-from .configuration_flex_llava import FlexSettingsMixin
+from .configuration_flex_llava import FlexSettings, FlexSettingsMixin
 
 
 @strict
-class FlexLlavaNextConfig(FlexSettingsMixin, LlavaNextConfig):
+class FlexLlavaNextConfig(FlexSettingsMixin, FlexSettings, LlavaNextConfig):
     r"""
     A [`LlavaNextConfig`] with the settings of FlexAttention (Li et al., ECCV 2024). The fields mean what they mean
     in [`FlexLlavaConfig`]; the low-res grid is the base image's (`image_size // patch_size`, 24 on LLaVA-NeXT-7B),
@@ -22,15 +20,6 @@ class FlexLlavaNextConfig(FlexSettingsMixin, LlavaNextConfig):
     """
 
     model_type = "flex_llava_next"
-
-    flex_n_fa: int | None = None
-    flex_threshold: float = 48 / 255
-    flex_selection: Literal["threshold", "topk", "random"] = "threshold"
-    flex_selection_grid: int | None = None
-    flex_topk_ratio: float = 0.1
-    flex_random_p: float = 0.1
-    flex_random_seed: int = 0
-    flex_high_res_ramp: float = 10.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -9,11 +9,19 @@ decoder layers and routes the language model's attention through FlexAttention.
 import dataclasses
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+)
 
 from .attention import base_implementation_name
 from .configuration_flex_llava import FlexLlavaConfig, validate_flex_settings
 from .configuration_flex_llava_next import FlexLlavaNextConfig
+from .configuration_flex_llava_onevision import FlexLlavaOnevisionConfig
 from .modeling_flex import (
     install_flex_attention,
     sync_high_res_projections,
@@ -22,6 +30,7 @@ from .modeling_flex import (
 )
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
 from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration, check_servable
+from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration, max_crops
 from .quantization import check_quantization
 
 
@@ -61,6 +70,13 @@ FAMILIES = (
         LlavaNextConfig,
         FlexLlavaNextForConditionalGeneration,
         FlexLlavaNextConfig,
+        "encode_images",
+    ),
+    _Family(
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionConfig,
+        FlexLlavaOnevisionForConditionalGeneration,
+        FlexLlavaOnevisionConfig,
         "encode_images",
     ),
 )
@@ -123,13 +139,15 @@ def _check_supported(model) -> _Family:
     family = _family_of(model)
     if family is None:
         raise TypeError(
-            "patch_model supports LlavaForConditionalGeneration (LLaVA-1.5 style, one image grid) and "
-            "LlavaNextForConditionalGeneration (LLaVA-NeXT, any-resolution crops) models with a Llama, Mistral or "
-            f"Qwen2 language model; got {type(model).__name__}. Load the checkpoint with one of those classes "
-            "(LLaVA-OneVision, video and multi-image models are not supported)."
+            "patch_model supports LlavaForConditionalGeneration (LLaVA-1.5 style, one image grid), "
+            "LlavaNextForConditionalGeneration (LLaVA-NeXT) and LlavaOnevisionForConditionalGeneration "
+            "(LLaVA-OneVision; single images) models with a Llama, Mistral or Qwen2 language model; got "
+            f"{type(model).__name__}. Load the checkpoint with one of those classes."
         )
-    if family.model_class is LlavaNextForConditionalGeneration:
+    if family.model_class is not LlavaForConditionalGeneration:  # the any-resolution families
         check_servable(model.config)
+    if family.model_class is LlavaOnevisionForConditionalGeneration:
+        max_crops(model.config.vision_aspect_ratio)
     for layer in text_decoder_layers(model):
         attention = getattr(layer, "self_attn", None)
         if attention is None or not all(hasattr(attention, name) for name in ("k_proj", "v_proj", "layer_idx")):
