@@ -92,14 +92,22 @@ def _check_shareable(model):
     )
 
 
+# model_type: (processor class, its classmethod that wraps the stock processor)
+ANY_RESOLUTION_PROCESSORS = {
+    "flex_llava_next": ("FlexLlavaNextProcessor", "from_llava_next_processor"),
+    "flex_llava_onevision": ("FlexLlavaOnevisionProcessor", "from_llava_onevision_processor"),
+}
+
+
 def _check_processor(processor, config) -> None:
     if processor is None:
         return
-    if getattr(config, "flex_zoom", None) is None:  # LLaVA-NeXT
-        if type(processor).__name__ != "FlexLlavaNextProcessor":
+    if getattr(config, "flex_zoom", None) is None:  # an any-resolution family
+        name, wrap = ANY_RESOLUTION_PROCESSORS[config.model_type]
+        if type(processor).__name__ != name:
             raise TypeError(
-                f"`processor` must be a FlexLlavaNextProcessor, got {type(processor).__name__}. Wrap a LLaVA-NeXT "
-                "processor with `FlexLlavaNextProcessor.from_llava_next_processor(processor)`."
+                f"`processor` must be a {name}, got {type(processor).__name__}. Wrap the stock processor with "
+                f"`{name}.{wrap}(processor)`."
             )
         return
     if not (isinstance(processor, FlexLlavaProcessor) or type(processor).__name__ == "FlexLlavaProcessor"):
@@ -163,11 +171,12 @@ def _settings_table(config) -> str:
 
 
 def _high_res_row(config) -> tuple[str, str]:
-    if getattr(config, "flex_zoom", None) is None:  # LLaVA-NeXT: the crops are the high-res view
+    if getattr(config, "flex_zoom", None) is None:  # an any-resolution family: the crops are the high-res view
+        shrunk = f", shrunk as `{config.vision_aspect_ratio}` says" if hasattr(config, "vision_aspect_ratio") else ""
         return (
             "high-res tokens",
-            f"the unpadded any-resolution crops of `image_grid_pinpoints` {config.image_grid_pinpoints} (LLaVA-NeXT; "
-            "the prompt holds the base image's tokens only)",
+            f"the unpadded any-resolution crops of `image_grid_pinpoints` {config.image_grid_pinpoints}{shrunk} (the "
+            "prompt holds the base image's tokens only)",
         )
     side = config.high_res_grid
     return (
@@ -177,7 +186,9 @@ def _high_res_row(config) -> tuple[str, str]:
     )
 
 
-def _usage(repo_id: str, base_model: str | None, zoom: int | None, has_processor: bool | None) -> str:
+def _usage(repo_id: str, base_model: str | None, config, has_processor: bool | None) -> str:
+    zoom = getattr(config, "flex_zoom", None)
+
     def load(trust: str) -> str:
         lines = f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}"{trust})'
         if has_processor is not False:
@@ -192,9 +203,10 @@ def _usage(repo_id: str, base_model: str | None, zoom: int | None, has_processor
             else ("If this repository holds no processor (`processor_config.json`)")
         )
         base = base_model or "BASE_LLAVA_MODEL"
+        name, wrap = ANY_RESOLUTION_PROCESSORS.get(config.model_type, ("", ""))
         wrap_processor = (
-            "from hf_flexattention import FlexLlavaNextProcessor\n\n"
-            f'processor = FlexLlavaNextProcessor.from_llava_next_processor(AutoProcessor.from_pretrained("{base}"))'
+            f"from hf_flexattention import {name}\n\n"
+            f'processor = {name}.{wrap}(AutoProcessor.from_pretrained("{base}"))'
             if zoom is None
             else "from hf_flexattention import FlexLlavaProcessor\n\n"
             f'llava_processor = AutoProcessor.from_pretrained("{base}")\n'
@@ -287,7 +299,7 @@ selected from the attention of the layer below.
 
 ## How to load
 
-{_usage(repo_id or "REPO_ID", base_model, getattr(config, "flex_zoom", None), has_processor)}
+{_usage(repo_id or "REPO_ID", base_model, config, has_processor)}
 
 ## Citation
 
