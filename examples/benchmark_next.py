@@ -1,8 +1,9 @@
-"""LLaVA-NeXT: the stock model (base image and every any-resolution crop in the sequence) against FlexAttention-NeXT
-(the base image in the sequence, the crops as the high-res pool), on the same images, in one run.
+"""LLaVA-NeXT / OneVision: the stock model (base image and every any-resolution crop in the sequence) against
+FlexAttention (the base image in the sequence, the crops as the high-res pool), on the same images, in one run.
 
     python examples/benchmark_next.py                                   # the tiny NeXT model, CPU
     python examples/benchmark_next.py --shape llava-v1.6-mistral-7b     # the 7B shapes, random weights (a GPU)
+    python examples/benchmark_next.py --shape llava-onevision-qwen2-7b  # OneVision-7B's shapes (a GPU)
 
 Prints a markdown table: prompt tokens, prefill time, decode time per token, host syncs and operators (CUDA kernel
 launches on a GPU) per decode step, and the KV cache plus FlexAttention state (CPU) or the peak memory (GPU).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlavaNextForConditionalGeneration, LogitsProcessorList
+from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, LogitsProcessorList
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 
@@ -29,15 +30,15 @@ from hf_flexattention import patch_model, unpatch_model  # noqa: E402
 from hf_flexattention.configuration_flex_llava import released_n_fa  # noqa: E402
 from hf_flexattention.counting import decode_step_counts  # noqa: E402
 from hf_flexattention.shapes import NEXT_SHAPES, shaped_llava_next_config  # noqa: E402
-from hf_flexattention.tiny import tiny_llava_next_config  # noqa: E402
+from hf_flexattention.tiny import tiny_llava_next_config, tiny_llava_onevision_config  # noqa: E402
 
 
-VARIANTS = {"a": "stock NeXT, base + crops in the sequence", "b": "FlexAttention-NeXT, base in the sequence"}
+VARIANTS = {"a": "stock, base + crops in the sequence", "b": "FlexAttention, base in the sequence"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["tiny-next", *NEXT_SHAPES], default="tiny-next")
+    parser.add_argument("--shape", choices=["tiny-next", "tiny-onevision", *NEXT_SHAPES], default="tiny-next")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="default: 2x2 crops")
     parser.add_argument("--text-tokens", type=int, default=40, help="non-image prompt tokens")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -89,10 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cuda = args.device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
-    config = tiny_llava_next_config() if args.shape == "tiny-next" else shaped_llava_next_config(args.shape)
+    tiny = {"tiny-next": tiny_llava_next_config, "tiny-onevision": tiny_llava_onevision_config}
+    config = tiny[args.shape]() if args.shape in tiny else shaped_llava_next_config(args.shape)
+    model_class = (
+        LlavaNextForConditionalGeneration
+        if config.model_type == "llava_next"
+        else (LlavaOnevisionForConditionalGeneration)
+    )
     torch.manual_seed(0)
     with args.device:
-        model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+        model = model_class(config).to(dtype).eval()
     n_fa = args.n_fa if args.n_fa is not None else released_n_fa(config.text_config.num_hidden_layers)
     inputs = build_inputs(model, args)
     results = {key: {"prefill": [], "decode": [], "memory": []} for key in VARIANTS}

@@ -5,7 +5,16 @@ measures what the real checkpoint would cost. `--shape` in the benchmarks and in
 takes these names.
 """
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    MistralConfig,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 
 def _clip_vit_large_336() -> CLIPVisionConfig:
@@ -63,19 +72,62 @@ def shaped_llava_config(name: str) -> LlavaConfig:
     )
 
 
-# name: Hub id of the LLaVA-NeXT checkpoint whose shapes `shaped_llava_next_config` copies.
-NEXT_SHAPES = {"llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf"}
+# name: Hub id of the any-resolution checkpoint whose shapes `shaped_llava_next_config` copies.
+NEXT_SHAPES = {
+    "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "llava-onevision-qwen2-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+}
 
 
-def shaped_llava_next_config(name: str) -> LlavaNextConfig:
-    """The `LlavaNextConfig` of a released LLaVA-NeXT checkpoint, by short name (`NEXT_SHAPES`): CLIP-L/14 at 336 px,
-    Mistral-7B (32 layers, 4096 wide, 8 kv heads, full attention) and the five 336 px crop grids up to 672 x 672.
+def _onevision_qwen2_7b() -> LlavaOnevisionConfig:
+    """SigLIP-so400m/14 at 384 px, Qwen2-7B (28 layers, 3584 wide, 4 kv heads) and every 384 px crop grid up to
+    2304 x 2304 (36 pinpoints), `anyres_max_9`."""
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=152128,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        sliding_window=None,
+        rms_norm_eps=1e-6,
+    )
+    sides = range(384, 2305, 384)
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=151646,
+        video_token_index=151647,
+        image_grid_pinpoints=[[height, width] for height in sides for width in sides],
+        vision_aspect_ratio="anyres_max_9",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
+def shaped_llava_next_config(name: str) -> LlavaNextConfig | LlavaOnevisionConfig:
+    """The config of a released any-resolution checkpoint, by short name (`NEXT_SHAPES`). `llava-v1.6-mistral-7b`:
+    CLIP-L/14 at 336 px, Mistral-7B (32 layers, 4096 wide, 8 kv heads, full attention) and the five 336 px crop
+    grids up to 672 x 672; `llava-onevision-qwen2-7b`: `_onevision_qwen2_7b`.
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones).
     """
     if name not in NEXT_SHAPES:
-        raise ValueError(f"Unknown LLaVA-NeXT shape {name!r}: use one of {', '.join(NEXT_SHAPES)}.")
+        raise ValueError(f"Unknown any-resolution shape {name!r}: use one of {', '.join(NEXT_SHAPES)}.")
+    if name == "llava-onevision-qwen2-7b":
+        return _onevision_qwen2_7b()
     text = MistralConfig(
         vocab_size=32064,
         hidden_size=4096,

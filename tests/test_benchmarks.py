@@ -89,14 +89,17 @@ def test_cost_command_refuses_bad_input(capsys):
 # ----- LLaVA-NeXT: stock (crops in the sequence) against FlexAttention-NeXT (crops as the pool) ---------------------
 
 
-def test_next_benchmark_runs_both_variants_on_the_same_image(capsys):
+@pytest.mark.parametrize("shape", ["tiny-next", "tiny-onevision"])
+def test_next_benchmark_runs_both_variants_on_the_same_image(capsys, shape):
     benchmark_next = load_example("benchmark_next")
-    assert benchmark_next.main(["--new-tokens", "4", "--repeats", "1", "--threads", "1", "--text-tokens", "8"]) == 0
+    argv = ["--shape", shape, "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--text-tokens", "8"]
+    assert benchmark_next.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
     assert len(rows) == 2
     prompt_tokens = [int(row.split("|")[2]) for row in rows]
     syncs = [int(row.split("|")[6]) for row in rows]
-    # The tiny 64x64 image on a 2x2 grid: stock holds 64 base + 16x16 crop + 16 newline tokens, FlexAttention the base.
+    # The tiny 64x64 image on a 2x2 grid: stock holds 64 base + 16x16 crop + 16 newline tokens, FlexAttention the base
+    # (OneVision's anyres_max_9 leaves a 2x2 grid unshrunk).
     assert prompt_tokens == [64 + 256 + 16 + 8, 64 + 8]
     assert syncs[1] == syncs[0]  # the FlexAttention decode step adds no host sync
 
