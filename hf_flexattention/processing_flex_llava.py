@@ -15,6 +15,7 @@ from transformers import AutoProcessor, LlavaProcessor
 from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
 
 from .configuration_flex_llava import FlexLlavaConfig
+from .processing_checks import check_one_image_per_sample
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -154,18 +155,7 @@ class FlexLlavaProcessor(LlavaProcessor):
         Raises:
             ValueError: a prompt with more than one `<image>`, or a sample given several images.
         """
-        if images is not None and isinstance(images, (list, tuple)):
-            for item in images:
-                if isinstance(item, (list, tuple)) and len(item) > 1:
-                    raise ValueError(
-                        f"A sample has {len(item)} images, but FlexAttention supports one image per sample: split it."
-                    )
-        if text is not None and self.image_token is not None:
-            per_sample = [sample.count(self.image_token) for sample in ([text] if isinstance(text, str) else text)]
-            if any(count > 1 for count in per_sample):
-                raise ValueError(
-                    f"Each prompt may hold at most one {self.image_token!r} (one image per sample), got {per_sample}."
-                )
+        check_one_image_per_sample(images, text, self.image_token)
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def _process_images(self, images, **kwargs) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -12,6 +12,7 @@ Shipped as remote code with saved checkpoints: torch, transformers, PIL and rela
 from transformers import AutoProcessor, LlavaNextProcessor
 
 from .configuration_flex_llava_next import FlexLlavaNextConfig
+from .processing_checks import check_one_image_per_sample
 
 
 class FlexLlavaNextProcessor(LlavaNextProcessor):
@@ -124,18 +125,7 @@ class FlexLlavaNextProcessor(LlavaNextProcessor):
         """
         if videos is not None:
             raise ValueError("LLaVA-NeXT takes no videos: pass frames as separate samples' `images`.")
-        if images is not None and isinstance(images, (list, tuple)):
-            for item in images:
-                if isinstance(item, (list, tuple)) and len(item) > 1:
-                    raise ValueError(
-                        f"A sample has {len(item)} images, but FlexAttention supports one image per sample: split it."
-                    )
-        if text is not None and self.image_token is not None:
-            per_sample = [sample.count(self.image_token) for sample in ([text] if isinstance(text, str) else text)]
-            if any(count > 1 for count in per_sample):
-                raise ValueError(
-                    f"Each prompt may hold at most one {self.image_token!r} (one image per sample), got {per_sample}."
-                )
+        check_one_image_per_sample(images, text, self.image_token)
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
 
