@@ -18,6 +18,7 @@ from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGener
 from .patching import is_patched, patch_model, unpatch_model  # noqa: E402
 from .processing_flex_llava import FlexLlavaProcessor  # noqa: E402
 from .processing_flex_llava_next import FlexLlavaNextProcessor  # noqa: E402
+from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "FlexLlavaNextProcessor",
     "FlexLlavaOnevisionConfig",
     "FlexLlavaOnevisionForConditionalGeneration",
+    "FlexLlavaOnevisionProcessor",
     "FlexLlavaProcessor",
     "__version__",
     "is_patched",

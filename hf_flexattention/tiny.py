@@ -19,6 +19,8 @@ from transformers import (
 TEXT_BACKBONES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 TINY_VOCAB_SIZE = 96
 TINY_IMAGE_TOKEN_ID = TINY_VOCAB_SIZE - 1
+# The tiny LLaVA-OneVision's `<video>` (`tiny_llava_onevision_config`'s `video_token_index`), just before `<image>`.
+TINY_VIDEO_TOKEN_ID = TINY_IMAGE_TOKEN_ID - 1
 TINY_PAD_TOKEN_ID = 0
 # Any-resolution grids of the tiny LLaVA-NeXT, (height, width) in pixels: crops of the 32 px tower in 1x2, 2x1, 2x2.
 TINY_IMAGE_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -211,19 +213,42 @@ def build_tiny_next_processor(image_size: int = 32, patch_size: int = 4):
     )
 
 
+def build_tiny_onevision_processor(image_size: int = 32, patch_size: int = 4):
+    """A `FlexLlavaOnevisionProcessor` for the tiny LLaVA-OneVision model (`build_tiny_llava_onevision`):
+    `build_tiny_processor`'s words with `<video>` (`TINY_VIDEO_TOKEN_ID`) in place of the last filler, `<image>`
+    (`TINY_IMAGE_TOKEN_ID`) last, and LLaVA-OneVision's PIL image processor at `image_size` pixels with
+    `TINY_IMAGE_GRID_PINPOINTS`; `num_image_tokens` = (image_size / patch_size) ** 2."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor
+
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS
+    )
+    # The stock OneVision processor takes `video_token_id` from the tokenizer: give it the model's video id.
+    return FlexLlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=word_level_tokenizer(_tiny_words()[:-1], video_token="<video>"),
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+    )
+
+
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
-def word_level_tokenizer(words: list[str]):
+def word_level_tokenizer(words: list[str], video_token: str | None = None):
     """A whitespace word-level `PreTrainedTokenizerFast` built in code (no download).
 
-    Token ids: `<pad>`, `<s>`, `</s>`, `<unk>` are 0-3, `words` follow in order, and `<image>` comes last
-    (`len(words) + 4`); prompts are left padded.
+    Token ids: `<pad>`, `<s>`, `</s>`, `<unk>` are 0-3, `words` follow in order, then `video_token` if given
+    (`len(words) + 4`, registered as the tokenizer's `video_token`), and `<image>` comes last; prompts are left
+    padded.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: index for index, word in enumerate([*_SPECIAL_TOKENS, *words, "<image>"])}
+    media = ["<image>"] if video_token is None else [video_token, "<image>"]
+    vocab = {word: index for index, word in enumerate([*_SPECIAL_TOKENS, *words, *media])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -233,7 +258,8 @@ def word_level_tokenizer(words: list[str]):
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"}
+        | ({} if video_token is None else {"video_token": video_token}),
     )
 
 
