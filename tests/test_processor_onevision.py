@@ -1,6 +1,8 @@
 """FlexLlavaOnevisionProcessor: the stock LLaVA-OneVision pixels, sizes and image counts, each `<image>` expanded to
 the base g*g tokens."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,30 @@ def test_bad_input_raises_with_the_fix(flex):
         flex(images=[image, other], text=PROMPTS[0])
     with pytest.raises(ValueError, match="no images were passed"):
         flex(text=PROMPTS[0])
+
+
+def test_from_pretrained_loads_a_stock_onevision_folder(flex, stock, tmp_path):
+    """A llava-hf OneVision checkpoint's processor files (the older layout: the image processor in
+    preprocessor_config.json, a video processor config the Flex processor ignores, the scalars in
+    processor_config.json) load straight into `FlexLlavaOnevisionProcessor`, with no torchvision needed."""
+    flex.tokenizer.save_pretrained(tmp_path)
+    image_processor = flex.image_processor.to_dict() | {"image_processor_type": "LlavaOnevisionImageProcessor"}
+    video_processor = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 32, "width": 32}}
+    scalars = {"num_image_tokens": BASE_TOKENS, "vision_feature_select_strategy": "full"}
+    files = {
+        "preprocessor_config.json": image_processor,
+        "video_preprocessor_config.json": video_processor,
+        "processor_config.json": scalars | {"processor_class": "LlavaOnevisionProcessor"},
+        "chat_template.json": {"chat_template": LLAVA_HF_TEMPLATE},
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    loaded = FlexLlavaOnevisionProcessor.from_pretrained(tmp_path)
+    assert loaded.num_image_tokens == BASE_TOKENS and loaded.chat_template == LLAVA_HF_TEMPLATE
+    assert loaded.image_processor.image_grid_pinpoints == flex.image_processor.image_grid_pinpoints
+    images = images_of_every_shape()[:2]
+    text = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    assert_base_only_parity(
+        loaded(images=images, text=text, padding=True, return_tensors="pt"),
+        stock(images=images, text=text, padding=True, return_tensors="pt"),
+    )
