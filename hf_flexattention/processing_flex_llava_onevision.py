@@ -16,8 +16,9 @@ Shipped as remote code with saved checkpoints: torch, transformers, PIL and rela
 
 import math
 
-from transformers import LlavaOnevisionProcessor
+from transformers import AutoProcessor, LlavaOnevisionProcessor
 
+from .configuration_flex_llava_onevision import FlexLlavaOnevisionConfig
 from .processing_checks import check_one_image_per_sample
 
 
@@ -155,5 +156,9 @@ class FlexLlavaOnevisionProcessor(LlavaOnevisionProcessor):
 
 
 FlexLlavaOnevisionProcessor.register_for_auto_class("AutoProcessor")
+try:  # with the plugin imported, AutoProcessor loads saved processors without trust_remote_code
+    AutoProcessor.register(FlexLlavaOnevisionConfig, FlexLlavaOnevisionProcessor)
+except ValueError:  # already registered: a re-import
+    pass
 
 __all__ = ["FlexLlavaOnevisionProcessor"]
