@@ -18,8 +18,10 @@ one `<image>` placeholder in its human turns (FlexAttention takes one image per 
 
 [`LlavaConversationCollator`] renders each conversation with the processor's chat template (or, without one, the
 LLaVA-1.5 "v1" format `USER: ... ASSISTANT: ...</s>`), supervises every assistant turn including its end token,
-masks everything else with -100, and runs [`FlexLlavaProcessor`] for `input_ids`, `pixel_values`,
-`high_res_pixel_values` and `original_image_sizes`.
+masks everything else with -100, and runs the FlexAttention processor for the image inputs: with a
+[`FlexLlavaProcessor`] (LLaVA-1.5) `pixel_values`, `high_res_pixel_values` and `original_image_sizes`; with a
+[`FlexLlavaNextProcessor`] (LLaVA-NeXT) the stock `pixel_values` (base image and any-resolution crops) and
+`image_sizes`.
 
 Example:
 
@@ -36,18 +38,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .modeling_flex import IGNORE_INDEX
 from .processing_flex_llava import FlexLlavaProcessor
+from .processing_flex_llava_next import FlexLlavaNextProcessor
 
 
 IMAGE_PLACEHOLDER = "<image>"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 SYSTEM_ROLES = ("system",)
+# The image inputs each FlexAttention processor returns, passed on to the model as they come.
+IMAGE_INPUT_NAMES = ("pixel_values", "high_res_pixel_values", "original_image_sizes", "image_sizes")
 # The system prompt of LLaVA-1.5's "v1" conversation template (`conv_vicuna_v1`); opt in with `system_prompt=`.
 LLAVA_V1_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -202,7 +208,8 @@ def _as_sample(item: Any, index: int) -> LlavaSample:
 
 
 class LlavaConversationCollator:
-    """Turns [`LlavaSample`]s into a training batch for [`FlexLlavaForConditionalGeneration`].
+    """Turns [`LlavaSample`]s into a training batch for [`FlexLlavaForConditionalGeneration`] or
+    [`FlexLlavaNextForConditionalGeneration`].
 
     Each conversation is rendered with `processor.chat_template` when the processor has one, else in LLaVA-1.5's
     "v1" format (`[system ]USER: question ASSISTANT: answer</s>USER: ...`). Every assistant turn is supervised,
@@ -210,12 +217,17 @@ class LlavaConversationCollator:
     llava-hf templates end it with a space), EOS replaces the trailing whitespace, so the model learns to stop as
     LLaVA-1.5 did. All other tokens (system, questions, image tokens, role names, padding) get label -100.
 
-    Returns `input_ids`, `attention_mask`, `labels` and, when the batch has images, `pixel_values`,
-    `high_res_pixel_values` and `original_image_sizes` (one per image-bearing sample, in batch order; text-only
-    samples can share the batch).
+    Returns `input_ids`, `attention_mask`, `labels` (each `(batch, length)` long) and, when the batch has images,
+    the processor's image inputs, one per image-bearing sample in batch order (text-only samples can share the
+    batch): for a [`FlexLlavaProcessor`], `pixel_values` `(n_images, 3, S, S)`, `high_res_pixel_values`
+    `(n_images, 3, zoom * S, zoom * S)` and `original_image_sizes` `(n_images, 2)`; for a [`FlexLlavaNextProcessor`],
+    `pixel_values` `(n_images, max_patches, 3, S, S)` (base image then crops, zero-padded to the batch's most
+    patches) and `image_sizes` `(n_images, 2)` (height, width). Each `<image>` spans as many tokens as the processor
+    expands it to (the low-res grid for LLaVA-1.5, the base image's grid for LLaVA-NeXT).
 
     Args:
-        processor: a [`FlexLlavaProcessor`] (its zoom must match the model's `flex_zoom`).
+        processor: a [`FlexLlavaProcessor`] (its zoom must match the model's `flex_zoom`) or a
+            [`FlexLlavaNextProcessor`].
         max_length: truncate longer samples from the right; a sample whose image tokens or whose every answer
             token would be cut raises instead.
         padding_side: `"right"` (usual for training) or `"left"`.
@@ -234,10 +246,18 @@ class LlavaConversationCollator:
         system_prompt: str | None = None,
         append_eos: bool = True,
     ):
-        if not isinstance(processor, FlexLlavaProcessor):
+        if not isinstance(processor, (FlexLlavaProcessor, FlexLlavaNextProcessor)):
+            from transformers import LlavaNextProcessor
+
+            if isinstance(processor, LlavaNextProcessor):
+                raise TypeError(
+                    "`processor` must be a FlexLlavaNextProcessor for LLaVA-NeXT (its prompt holds the base image's "
+                    "tokens only), got a LlavaNextProcessor: wrap it with "
+                    "`FlexLlavaNextProcessor.from_llava_next_processor(processor)`."
+                )
             raise TypeError(
-                f"`processor` must be a FlexLlavaProcessor (it adds the high-res image), got "
-                f"{type(processor).__name__}: wrap it with `FlexLlavaProcessor.from_llava_processor(processor, "
+                f"`processor` must be a FlexLlavaProcessor (it adds the high-res image) or a FlexLlavaNextProcessor, "
+                f"got {type(processor).__name__}: wrap it with `FlexLlavaProcessor.from_llava_processor(processor, "
                 "zoom=model.config.flex_zoom)`."
             )
         if padding_side not in ("right", "left"):
@@ -360,9 +380,7 @@ class LlavaConversationCollator:
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         samples = [_as_sample(item, index) for index, item in enumerate(items)]
-        texts, spans, images = [], [], []
-        image_token = self.processor.image_token
-        expansion = image_token * self.processor.num_image_tokens
+        texts, segments, images = [], [], []
         for index, sample in enumerate(samples):
             where = _describe(index, sample.id) + " of the batch"
             if sample.image is not None and not isinstance(sample.image, Image.Image):
@@ -371,36 +389,47 @@ class LlavaConversationCollator:
                     "(LlavaConversationDataset opens image files)."
                 )
             validate_conversation(sample.conversations, sample.image is not None, where)
-            # Character spans of the answers in the text as the processor tokenises it (`<image>` expanded).
-            text, expanded_length, answer_spans = "", 0, []
-            for piece, is_answer in self.render(sample.conversations):
-                expanded = piece.replace(image_token, expansion)
-                if is_answer:
-                    start = expanded_length + len(expanded) - len(expanded.lstrip())
-                    answer_spans.append((start, expanded_length + len(expanded)))
-                text += piece
-                expanded_length += len(expanded)
-            texts.append(text)
-            spans.append(answer_spans)
+            pieces = self.render(sample.conversations)
+            texts.append("".join(text for text, _ in pieces))
+            segments.append(pieces)
             if sample.image is not None:
                 images.append(sample.image)
 
         encoded = self.processor(
             images=images or None, text=texts, return_offsets_mapping=True, padding=False, truncation=False
         )
+        image_token = self.processor.image_token
+        image_token_id = self.processor.tokenizer.convert_tokens_to_ids(image_token)
         rows = []
         for index, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)):
+            # The offsets index the text as the processor tokenised it, each `<image>` expanded to its image tokens.
+            placeholders = texts[index].count(image_token)
+            expansion = image_token * (ids.count(image_token_id) // placeholders if placeholders else 0)
+            spans = self._answer_spans(segments[index], image_token, expansion)
             labels = [
-                token if any(end > span_start and start < span_end for span_start, span_end in spans[index]) else -100
+                token if any(end > span_start and start < span_end for span_start, span_end in spans) else -100
                 for token, (start, end) in zip(ids, offsets, strict=True)
             ]
             rows.append(self._truncate(ids, labels, _describe(index, samples[index].id) + " of the batch"))
 
         batch = self._pad(rows)
-        for key in ("pixel_values", "high_res_pixel_values", "original_image_sizes"):
+        for key in IMAGE_INPUT_NAMES:
             if key in encoded:
-                batch[key] = encoded[key]
+                batch[key] = _as_tensor(encoded[key])
         return batch
+
+    @staticmethod
+    def _answer_spans(
+        segments: list[tuple[str, bool]], image_token: str, expansion: str
+    ) -> list[tuple[int, int]]:
+        """Character spans of the answers (leading whitespace excluded) in the text with `<image>` expanded."""
+        spans, length = [], 0
+        for piece, is_answer in segments:
+            expanded = piece.replace(image_token, expansion)
+            if is_answer:
+                spans.append((length + len(expanded) - len(expanded.lstrip()), length + len(expanded)))
+            length += len(expanded)
+        return spans
 
     def _truncate(self, ids: list[int], labels: list[int], where: str) -> tuple[list[int], list[int]]:
         image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
@@ -433,6 +462,12 @@ class LlavaConversationCollator:
             labels[row, place] = torch.tensor(row_labels, dtype=torch.long)
             attention_mask[row, place] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    """A processor output as a tensor: FlexLlavaProcessor returns tensors, the LLaVA-NeXT image processor (without
+    `return_tensors`, which would also tensorise the unpadded `input_ids`) a list of equally shaped arrays."""
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
 
 
 COLOURS = {
