@@ -419,9 +419,7 @@ class LlavaConversationCollator:
         return batch
 
     @staticmethod
-    def _answer_spans(
-        segments: list[tuple[str, bool]], image_token: str, expansion: str
-    ) -> list[tuple[int, int]]:
+    def _answer_spans(segments: list[tuple[str, bool]], image_token: str, expansion: str) -> list[tuple[int, int]]:
         """Character spans of the answers (leading whitespace excluded) in the text with `<image>` expanded."""
         spans, length = [], 0
         for piece, is_answer in segments:

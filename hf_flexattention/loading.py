@@ -1,18 +1,26 @@
-"""Load any Llava checkpoint as a FlexAttention model, the way every command-line entry point does.
+"""Load any Llava or LLaVA-NeXT checkpoint as a FlexAttention model, the way every command-line entry point does.
 
 A FlexAttention checkpoint (saved with `save_pretrained`, pushed, or made by `hf_flexattention.convert`) loads with
-its own class, so its trained `hr_k_proj` / `hr_v_proj` and its saved settings are kept; a stock Llava checkpoint is
-loaded and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged warning;
-settings left unset never do.
+its own class, so its trained `hr_k_proj` / `hr_v_proj` and its saved settings are kept; a stock Llava or LLaVA-NeXT
+checkpoint is loaded and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged
+warning; settings left unset never do.
 """
 
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+)
 from transformers.utils import logging
 
 from .configuration_flex_llava import released_n_fa
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
+from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
 from .patching import is_patched, patch_model
 from .processing_flex_llava import FlexLlavaProcessor
+from .processing_flex_llava_next import FlexLlavaNextProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -30,6 +38,14 @@ SETTINGS = {
     "high_res_ramp": "flex_high_res_ramp",
 }
 
+# The checkpoint types `load_flex_model` loads, and the class each loads as (stock ones are then patched).
+MODEL_CLASSES = {
+    "flex_llava": FlexLlavaForConditionalGeneration,
+    "llava": LlavaForConditionalGeneration,
+    "flex_llava_next": FlexLlavaNextForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+}
+
 
 def flex_settings(model: FlexLlavaForConditionalGeneration) -> dict:
     """The `patch_model` keyword arguments that reproduce `model`'s FlexAttention settings (a family without a
@@ -37,16 +53,19 @@ def flex_settings(model: FlexLlavaForConditionalGeneration) -> dict:
     return {name: getattr(model.config, field) for name, field in SETTINGS.items() if hasattr(model.config, field)}
 
 
-def apply_settings(model, settings: dict | None = None) -> FlexLlavaForConditionalGeneration:
+def apply_settings(
+    model, settings: dict | None = None
+) -> FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration:
     """Patch a stock model with `settings` (unset ones: `patch_model`'s defaults, `n_fa`: the released share), or
     apply to a FlexAttention model only the settings given that differ from its own, logging each.
 
     Args:
-        model: a `LlavaForConditionalGeneration` or a FlexAttention model.
+        model: a `LlavaForConditionalGeneration`, a `LlavaNextForConditionalGeneration` or a FlexAttention model.
         settings: `patch_model` keyword arguments; None values count as unset.
 
     Raises:
-        ValueError / TypeError: as `patch_model`, for a setting it refuses; ValueError for an unknown name.
+        ValueError / TypeError: as `patch_model`, for a setting it refuses (e.g. a `zoom` for LLaVA-NeXT);
+            ValueError for an unknown name.
     """
     chosen = {name: value for name, value in (settings or {}).items() if value is not None}
     unknown = sorted(set(chosen) - set(SETTINGS))
@@ -56,6 +75,13 @@ def apply_settings(model, settings: dict | None = None) -> FlexLlavaForCondition
         chosen.setdefault("n_fa", released_n_fa(model.config.text_config.num_hidden_layers))
         return patch_model(model, **chosen)
     saved = flex_settings(model)
+    foreign = sorted(set(chosen) - set(saved))
+    if foreign:
+        raise ValueError(
+            f"{', '.join(f'`{name}={chosen[name]!r}`' for name in foreign)} does not apply to {type(model).__name__}: "
+            f"its settings are {sorted(saved)} (LLaVA-NeXT has no `zoom`: its high-res tokens are its own "
+            "any-resolution crops). Leave it unset."
+        )
     changed = {name: value for name, value in chosen.items() if value != saved[name]}
     for name, value in changed.items():
         logger.warning(f"Overriding the checkpoint's {name}={saved[name]!r} with {name}={value!r}, as asked.")
@@ -69,8 +95,10 @@ def apply_settings(model, settings: dict | None = None) -> FlexLlavaForCondition
 
 def load_flex_model(
     name_or_path: str, settings: dict | None = None, **from_pretrained_kwargs
-) -> FlexLlavaForConditionalGeneration:
-    """Load `name_or_path` as a FlexAttention model: a `flex_llava` checkpoint as saved, a `llava` one patched.
+) -> FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration:
+    """Load `name_or_path` as a FlexAttention model: a `flex_llava` / `flex_llava_next` checkpoint as saved, a
+    `llava` / `llava_next` one patched (with the released 23-of-32 share of FlexAttention layers unless `settings`
+    give `n_fa`).
 
     Args:
         name_or_path: a Hub id or a folder.
@@ -78,29 +106,46 @@ def load_flex_model(
         **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `revision`, ...).
 
     Raises:
-        ValueError: for a checkpoint that is neither `flex_llava` nor `llava` (the message names what works).
+        ValueError: for a checkpoint of another type (the message names what works), or a setting the model's
+            family does not have (`zoom` for LLaVA-NeXT).
     """
     config = AutoConfig.from_pretrained(name_or_path, **_hub_kwargs(from_pretrained_kwargs))
-    if config.model_type == "flex_llava":
-        model = FlexLlavaForConditionalGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs)
-    elif config.model_type == "llava":
-        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs)
-    else:
+    model_class = MODEL_CLASSES.get(config.model_type)
+    if model_class is None:
         raise ValueError(
             f"{name_or_path!r} is a {config.model_type!r} checkpoint: FlexAttention loads LLaVA-1.5-style `llava` "
-            "checkpoints (patched here) and `flex_llava` ones (saved by hf_flexattention or made by "
-            "`python -m hf_flexattention.convert`)."
+            "and LLaVA-NeXT `llava_next` checkpoints (patched here) and `flex_llava` / `flex_llava_next` ones (saved "
+            "by hf_flexattention or made by `python -m hf_flexattention.convert`)."
         )
-    return apply_settings(model, settings)
+    return apply_settings(model_class.from_pretrained(name_or_path, **from_pretrained_kwargs), settings)
 
 
-def load_flex_processor(name_or_path: str, zoom: int) -> FlexLlavaProcessor:
-    """The checkpoint's processor as a `FlexLlavaProcessor` with `zoom` (the model's `config.flex_zoom`).
+def load_flex_processor(name_or_path: str, zoom: int | None = None) -> FlexLlavaProcessor | FlexLlavaNextProcessor:
+    """The checkpoint's processor as a FlexAttention processor.
+
+    For a Llava checkpoint, a `FlexLlavaProcessor` with `zoom` (the model's `config.flex_zoom`; required). For a
+    LLaVA-NeXT checkpoint, a `FlexLlavaNextProcessor` (a stock `LlavaNextProcessor` is wrapped with
+    `FlexLlavaNextProcessor.from_llava_next_processor`); LLaVA-NeXT has no zoom, so leave `zoom` None.
 
     Raises:
-        ValueError: if a saved `FlexLlavaProcessor` has another zoom than the model.
+        ValueError: a saved `FlexLlavaProcessor` with another zoom than the model, no `zoom` for a Llava checkpoint,
+            or a `zoom` for a LLaVA-NeXT one.
     """
     processor = AutoProcessor.from_pretrained(name_or_path)
+    if isinstance(processor, LlavaNextProcessor):  # FlexLlavaNextProcessor included
+        if zoom is not None:
+            raise ValueError(
+                f"zoom={zoom!r} does not apply to the LLaVA-NeXT checkpoint {name_or_path!r}: its high-res tokens are "
+                "its own any-resolution crops. Leave `zoom` unset (None)."
+            )
+        if isinstance(processor, FlexLlavaNextProcessor):
+            return processor
+        return FlexLlavaNextProcessor.from_llava_next_processor(processor)
+    if zoom is None:
+        raise ValueError(
+            f"{name_or_path!r} has a Llava processor: pass `zoom=model.config.flex_zoom` (the high-res side over the "
+            "vision tower's input side of the model it serves)."
+        )
     if isinstance(processor, FlexLlavaProcessor):
         if processor.zoom != zoom:
             raise ValueError(

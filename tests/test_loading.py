@@ -1,15 +1,19 @@
 """Every entry point loads a FlexAttention checkpoint as one (issue 13.1): its class, trained hr projections and
-settings; a setting changes only when asked, with a warning; a stock checkpoint is patched."""
+settings; a setting changes only when asked, with a warning; a stock checkpoint is patched. Llava and LLaVA-NeXT
+(issue 11) alike."""
 
 import logging
 
 import pytest
 import torch
+from transformers import LlavaNextProcessor
 
 from hf_flexattention import FlexLlavaForConditionalGeneration, demo, is_patched, patch_model
 from hf_flexattention.hub import save_pretrained
 from hf_flexattention.loading import flex_settings, load_flex_model, load_flex_processor
-from hf_flexattention.tiny import build_tiny_llava
+from hf_flexattention.modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
+from hf_flexattention.processing_flex_llava_next import FlexLlavaNextProcessor
+from hf_flexattention.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_next_processor
 
 from .conftest import load_example, make_image
 
@@ -110,3 +114,92 @@ def test_the_benchmark_and_the_training_example_keep_a_flex_checkpoint(flex_chec
     assert {name: flex_settings(model)[name] for name in SAVED} == SAVED
     for name, value in high_res_weights(model).items():
         assert torch.equal(value, trained[name]), name
+
+
+# ----- LLaVA-NeXT -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def next_processor():
+    return build_tiny_next_processor()
+
+
+@pytest.fixture
+def stock_next_checkpoint(tmp_path, next_processor):
+    """A stock `llava_next` checkpoint with the stock LlavaNextProcessor (whose prompts hold every crop token)."""
+    build_tiny_llava_next().save_pretrained(tmp_path / "stock-next")
+    LlavaNextProcessor(
+        image_processor=next_processor.image_processor,
+        tokenizer=next_processor.tokenizer,
+        patch_size=next_processor.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(tmp_path / "stock-next")
+    return tmp_path / "stock-next"
+
+
+@pytest.fixture
+def flex_next_checkpoint(tmp_path, next_processor):
+    """A `flex_llava_next` checkpoint with non-default settings, 'trained' hr projections and its processor."""
+    model = patch_model(build_tiny_llava_next(), **NEXT_SAVED)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".hr_" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "flex-next")
+    next_processor.save_pretrained(tmp_path / "flex-next")
+    return tmp_path / "flex-next", high_res_weights(model)
+
+
+NEXT_SAVED = {"n_fa": 2, "threshold": 0.3, "selection": "threshold", "high_res_ramp": 4.0}
+
+
+def test_a_stock_next_checkpoint_is_patched_with_the_released_share(stock_next_checkpoint, next_processor):
+    model = load_flex_model(str(stock_next_checkpoint), {"threshold": 0.25, "zoom": None})
+    assert type(model) is FlexLlavaNextForConditionalGeneration and is_patched(model)
+    assert model.config.flex_n_fa == 3  # the released 23-of-32 share of the tiny model's 4 layers
+    assert model.config.flex_threshold == 0.25
+    assert "zoom" not in flex_settings(model) and not hasattr(model.config, "flex_zoom")
+
+    processor = load_flex_processor(str(stock_next_checkpoint))
+    assert type(processor) is FlexLlavaNextProcessor
+    prompt = "USER: <image>\nwhat is in the image ? ASSISTANT:"
+    inputs = processor(images=[make_image(1, width=70, height=40)], text=[prompt], return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 64  # the base image's 8 x 8 tokens
+    assert inputs["pixel_values"].shape == (1, 5, 3, 32, 32)  # base + the 2 x 2 crops, as stock
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_a_flex_next_checkpoint_keeps_its_class_weights_settings_and_processor(flex_next_checkpoint, caplog):
+    folder, trained = flex_next_checkpoint
+    with caplog.at_level(logging.WARNING):
+        model = load_flex_model(str(folder), {"n_fa": None, "threshold": None, "zoom": None})
+    assert type(model) is FlexLlavaNextForConditionalGeneration
+    assert flex_settings(model) == flex_settings(patch_model(build_tiny_llava_next(), **NEXT_SAVED))
+    assert {name: flex_settings(model)[name] for name in NEXT_SAVED} == NEXT_SAVED
+    for name, value in high_res_weights(model).items():
+        assert torch.equal(value, trained[name]), name
+    assert not caplog.records  # nothing was overridden
+    assert type(load_flex_processor(str(folder))) is FlexLlavaNextProcessor
+
+    with caplog.at_level(logging.WARNING):
+        model = load_flex_model(str(folder), {"threshold": 0.5})
+    assert model.config.flex_threshold == 0.5
+    assert [record.getMessage() for record in caplog.records] == [
+        "Overriding the checkpoint's threshold=0.3 with threshold=0.5, as asked."
+    ]
+
+
+@pytest.mark.parametrize("which", ["stock", "flex"])
+def test_a_zoom_for_next_is_refused(which, stock_next_checkpoint, flex_next_checkpoint):
+    folder = stock_next_checkpoint if which == "stock" else flex_next_checkpoint[0]
+    with pytest.raises(ValueError, match="does not apply to (Llava|FlexLlava)NextForConditionalGeneration"):
+        load_flex_model(str(folder), {"zoom": 2})
+    with pytest.raises(ValueError, match="zoom=3 does not apply to the LLaVA-NeXT checkpoint"):
+        load_flex_processor(str(folder), zoom=3)
+
+
+def test_a_llava_processor_needs_its_zoom(stock_checkpoint):
+    with pytest.raises(ValueError, match="pass `zoom=model.config.flex_zoom`"):
+        load_flex_processor(str(stock_checkpoint))
