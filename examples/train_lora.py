@@ -1,4 +1,4 @@
-"""Fine-tune a FlexAttention Llava model with LoRA and the stock `Trainer`, then reload the adapter and generate.
+"""Fine-tune a FlexAttention Llava or LLaVA-NeXT model with LoRA and the stock `Trainer`, then reload and generate.
 
 With no arguments it runs end to end in a minute on a CPU: it builds the tiny random Llava model of
 `hf_flexattention.tiny`, patches it, writes a small synthetic LLaVA-format dataset (coloured signs, "what color is
@@ -10,11 +10,19 @@ answers a question. Without `--model` the defaults suit that random tiny model (
 
     python examples/train_lora.py
 
+`--model-type llava_next` does the same with the tiny random LLaVA-NeXT model (`hf_flexattention.tiny`): the prompt
+holds the base image's tokens, and the any-resolution crops made by `FlexLlavaNextProcessor` are the high-res pool:
+
+    python examples/train_lora.py --model-type llava_next
+
 On real data (LLaVA's conversation JSON, e.g. `llava_v1_5_mix665k.json`, plus its image folder):
 
     python examples/train_lora.py --model llava-hf/llava-1.5-7b-hf --data data.json --image-folder images/ \\
         --output-dir llava-flex-lora --n-fa 23 --threshold 0.188 --bf16 --activation-checkpointing \\
         --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --learning-rate 2e-4 --num-train-epochs 1
+
+A `--model` checkpoint's type decides the family: `llava` / `flex_llava` (LLaVA-1.5) or `llava_next` /
+`flex_llava_next` (LLaVA-NeXT, e.g. llava-hf/llava-v1.6-mistral-7b-hf; no `--zoom`: its crops are the high-res view).
 
 Every `TrainingArguments` flag works (`--max-steps`, `--save-steps`, `--report-to`, ...);
 `--resume-from-checkpoint PATH` (or `last`) continues a run, warm-up included. The model is patched before LoRA
@@ -70,9 +78,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
-from hf_flexattention import FlexLlavaForConditionalGeneration  # noqa: E402
+from hf_flexattention import FlexLlavaForConditionalGeneration, FlexLlavaNextForConditionalGeneration  # noqa: E402
 from hf_flexattention.adapters import load_adapter, write_adapter_settings  # noqa: E402
 from hf_flexattention.data import (  # noqa: E402
     LlavaConversationCollator,
@@ -81,11 +89,19 @@ from hf_flexattention.data import (  # noqa: E402
 )
 from hf_flexattention.loading import apply_settings, load_flex_model, load_flex_processor  # noqa: E402
 from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
-from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa: E402
+from hf_flexattention.processing_flex_llava_next import FlexLlavaNextProcessor  # noqa: E402
+from hf_flexattention.tiny import (  # noqa: E402
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_next_processor,
+    build_tiny_processor,
+)
 from hf_flexattention.training import HighResRampCallback, lora_target_modules  # noqa: E402
 
 
 TINY_SEED = 0
+MODEL_TYPES = ("llava", "llava_next")
+FlexModel = FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration
 
 
 @dataclass
@@ -93,7 +109,16 @@ class ScriptArguments:
     """What to train and how to patch it (the `TrainingArguments` flags are accepted too)."""
 
     model: str | None = field(
-        default=None, metadata={"help": "Llava checkpoint (hub id or folder); default: the tiny random model."}
+        default=None,
+        metadata={"help": "Llava or LLaVA-NeXT checkpoint (hub id or folder); default: the tiny random model."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model family: 'llava' (LLaVA-1.5) or 'llava_next' (LLaVA-NeXT). Picks the tiny model without "
+            "--model (default llava); with --model the checkpoint's own type decides, and this must match it.",
+            "choices": list(MODEL_TYPES),
+        },
     )
     data: str | None = field(
         default=None, metadata={"help": "LLaVA conversation JSON; default: a synthetic dataset made in code."}
@@ -109,7 +134,8 @@ class ScriptArguments:
         default=None, metadata={"help": "Selection threshold in [0, 1) (default: the --model's own, else 48/255)."}
     )
     zoom: int | None = field(
-        default=None, metadata={"help": "High-res side over the vision tower's input side (default: own, else 3)."}
+        default=None,
+        metadata={"help": "High-res side over the vision tower's input side (LLaVA-1.5 only; default: own, else 3)."},
     )
     high_res_ramp: float | None = field(
         default=None,
@@ -215,7 +241,8 @@ def check_arguments(script_args: ScriptArguments, training_args: TrainingArgumen
 
 def describe_run(script_args: ScriptArguments, training_args: TrainingArguments) -> str:
     """One line saying what trains, with which defaults, and where the result goes."""
-    model = script_args.model or "the tiny random model (built in code)"
+    tiny = "the tiny random LLaVA-NeXT model" if model_type(script_args) == "llava_next" else "the tiny random model"
+    model = script_args.model or f"{tiny} (built in code)"
     defaults = "the tiny model's" if script_args.model is None else "TrainingArguments'"
     mode = "full fine-tuning" if script_args.full else f"LoRA r={script_args.lora_r}"
     return (
@@ -231,11 +258,31 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_base(script_args: ScriptArguments) -> FlexLlavaForConditionalGeneration:
+def model_type(script_args: ScriptArguments) -> str:
+    """The family to train: `--model-type`, else the tiny model's default (llava). (With `--model`, `load_base`
+    checks it against the checkpoint's type.)"""
+    return script_args.model_type or "llava"
+
+
+def check_model_type(script_args: ScriptArguments) -> None:
+    """Refuse a `--model-type` that is not the `--model` checkpoint's family (read from its config alone)."""
+    if script_args.model is None or script_args.model_type is None:
+        return
+    checkpoint_type = AutoConfig.from_pretrained(script_args.model).model_type
+    if checkpoint_type.removeprefix("flex_") != script_args.model_type:
+        raise ValueError(
+            f"--model-type {script_args.model_type} does not match --model {script_args.model!r}, a "
+            f"{checkpoint_type!r} checkpoint: drop --model-type (the checkpoint's type decides) or pass a "
+            f"{script_args.model_type} checkpoint."
+        )
+
+
+def load_base(script_args: ScriptArguments) -> FlexModel:
     """The patched base model (frozen LoRA base, or the model to fine-tune in full).
 
     A FlexAttention `--model` keeps its trained hr projections and its settings; a flag given on purpose overrides
-    its setting (with a logged warning). A stock `--model`, or the tiny model, is patched with the flags.
+    its setting (with a logged warning). A stock `--model`, or the tiny model of `--model-type`, is patched with the
+    flags.
     """
     settings = {
         "n_fa": script_args.n_fa,
@@ -244,8 +291,10 @@ def load_base(script_args: ScriptArguments) -> FlexLlavaForConditionalGeneration
         "high_res_ramp": script_args.high_res_ramp,
     }
     if script_args.model is None:
+        build = build_tiny_llava_next if model_type(script_args) == "llava_next" else build_tiny_llava
         with whole_model_loading():
-            return apply_settings(build_tiny_llava(seed=TINY_SEED), settings)
+            return apply_settings(build(seed=TINY_SEED), settings)
+    check_model_type(script_args)
     dtype = resolve_dtype(script_args.dtype)
     kwargs = {"dtype": dtype}
     if script_args.load_in_4bit or script_args.load_in_8bit:
@@ -284,14 +333,15 @@ def whole_model_loading():
             deepspeed.set_hf_deepspeed_config(config)
 
 
-def load_processor(script_args: ScriptArguments, zoom: int) -> FlexLlavaProcessor:
-    """The processor for a model of `zoom` (`config.flex_zoom`)."""
+def load_processor(script_args: ScriptArguments, model: FlexModel) -> FlexLlavaProcessor | FlexLlavaNextProcessor:
+    """The processor for `model`: a `FlexLlavaProcessor` of its `flex_zoom`, or a `FlexLlavaNextProcessor`."""
+    zoom = getattr(model.config, "flex_zoom", None)  # LLaVA-NeXT has none
     if script_args.model is None:
-        return build_tiny_processor(zoom=zoom)
+        return build_tiny_next_processor() if zoom is None else build_tiny_processor(zoom=zoom)
     return load_flex_processor(script_args.model, zoom=zoom)
 
 
-def add_lora(model: FlexLlavaForConditionalGeneration, script_args: ScriptArguments) -> PeftModel:
+def add_lora(model: FlexModel, script_args: ScriptArguments) -> PeftModel:
     """Wrap the patched model with LoRA on the language model's attention (patch first, then LoRA)."""
     modules_to_save = ["hr_k_proj", "hr_v_proj"] if script_args.high_res_projections == "save" else []
     if script_args.model is None:
@@ -313,7 +363,7 @@ def build_trainer(
     script_args: ScriptArguments, training_args: TrainingArguments, data_folder: str
 ) -> tuple[Trainer, LlavaConversationCollator, LlavaConversationDataset]:
     model = load_base(script_args)
-    processor = load_processor(script_args, zoom=model.config.flex_zoom)
+    processor = load_processor(script_args, model)
     if script_args.data is None:
         data_path = write_colour_dataset(data_folder, num_samples=script_args.tiny_samples, seed=TINY_SEED)
     else:
@@ -345,7 +395,7 @@ def reload_and_generate(script_args: ScriptArguments, output_dir: str, collator,
     """Load what training saved onto a fresh base and answer `--question` about the first image of the data."""
     if script_args.full:
         with whole_model_loading():
-            model = FlexLlavaForConditionalGeneration.from_pretrained(output_dir)
+            model = load_flex_model(output_dir)  # the saved FlexAttention checkpoint, as saved
     else:
         model = load_adapter(load_base(script_args), output_dir)  # the base patched as the adapter records
     model.eval()

@@ -203,3 +203,30 @@ def test_a_zoom_for_next_is_refused(which, stock_next_checkpoint, flex_next_chec
 def test_a_llava_processor_needs_its_zoom(stock_checkpoint):
     with pytest.raises(ValueError, match="pass `zoom=model.config.flex_zoom`"):
         load_flex_processor(str(stock_checkpoint))
+
+
+def test_the_training_example_loads_next_checkpoints_and_checks_the_model_type(
+    flex_next_checkpoint, stock_next_checkpoint, stock_checkpoint
+):
+    folder, trained = flex_next_checkpoint
+    train_lora = load_example("train_lora")
+    script_args, _ = train_lora.parse_arguments(
+        ["--model", str(folder), "--model-type", "llava_next", "--output-dir", str(folder / "out")]
+    )
+    model = train_lora.load_base(script_args)
+    assert type(model) is FlexLlavaNextForConditionalGeneration
+    assert {name: flex_settings(model)[name] for name in NEXT_SAVED} == NEXT_SAVED
+    for name, value in high_res_weights(model).items():
+        assert torch.equal(value, trained[name]), name
+    assert type(train_lora.load_processor(script_args, model)) is FlexLlavaNextProcessor
+
+    script_args, _ = train_lora.parse_arguments(["--model", str(stock_next_checkpoint), "--output-dir", "unused"])
+    model = train_lora.load_base(script_args)  # no --model-type: the checkpoint's type decides
+    assert type(model) is FlexLlavaNextForConditionalGeneration and model.config.flex_n_fa == 3
+
+    for checkpoint, wrong in ((stock_next_checkpoint, "llava"), (stock_checkpoint, "llava_next")):
+        script_args, _ = train_lora.parse_arguments(
+            ["--model", str(checkpoint), "--model-type", wrong, "--output-dir", "unused"]
+        )
+        with pytest.raises(ValueError, match=f"--model-type {wrong} does not match --model"):
+            train_lora.load_base(script_args)

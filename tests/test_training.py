@@ -13,7 +13,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import Trainer, TrainingArguments
 
-from hf_flexattention import FlexLlavaForConditionalGeneration, is_patched, patch_model
+from hf_flexattention import (
+    FlexLlavaForConditionalGeneration,
+    FlexLlavaNextForConditionalGeneration,
+    is_patched,
+    patch_model,
+)
+from hf_flexattention.adapters import load_adapter
 from hf_flexattention.data import LlavaConversationCollator, LlavaConversationDataset, write_colour_dataset
 from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor
 from hf_flexattention.training import (
@@ -392,6 +398,29 @@ def test_example_trains_saves_reloads_and_generates(tmp_path):
     with open(output / "trainer_state.json") as file:
         assert json.load(file)["global_step"] == 6
     assert (output / "flex_attention.json").exists()  # the adapter records the base's FlexAttention settings
+
+
+def test_example_trains_llava_next_saves_reloads_and_generates(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import train_lora
+    finally:
+        sys.path.pop(0)
+    output = tmp_path / "out"
+    argv = ["--model-type", "llava_next", "--output-dir", str(output), "--max-steps", "6", "--tiny-samples", "12"]
+    result = train_lora.main(argv)
+    assert "Training the tiny random LLaVA-NeXT model (built in code)" in capsys.readouterr().out
+    assert (output / "adapter_model.safetensors").exists() and (output / "adapter_config.json").exists()
+    assert result["losses"] and isinstance(result["answer"], str)
+    with open(output / "trainer_state.json") as file:
+        assert json.load(file)["global_step"] == 6
+    with open(output / "flex_attention.json") as file:
+        recorded = json.load(file)["flex_settings"]
+    # A LLaVA-NeXT base: the released share of the tiny model's 4 layers, and no zoom (Llava's settings have one).
+    assert recorded["n_fa"] == 3 and "zoom" not in recorded
+    script_args, _ = train_lora.parse_arguments(argv)
+    reloaded = load_adapter(train_lora.load_base(script_args), output)
+    assert type(reloaded.get_base_model()) is FlexLlavaNextForConditionalGeneration
 
 
 def test_example_says_what_it_does(tmp_path, capsys):
