@@ -159,7 +159,7 @@ def load(args: argparse.Namespace, dtype: torch.dtype) -> Setup:
     settings = {"n_fa": args.n_fa, "selection": args.selection, "threshold": args.threshold}
     settings["topk_ratio"] = args.topk_ratio
     if args.model is not None:
-        model = load_flex_model(args.model, settings, dtype=dtype, device_map=device)
+        model = load_flex_model(args.model, settings, families=("llava",), dtype=dtype, device_map=device)
         processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
         prompt = build_prompt(processor, args.prompt or REAL_PROMPT)
         image = None

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "model":
         try:
             # Loading straight onto the device avoids a full CPU copy of a multi-GB checkpoint.
-            model = load_flex_model(args.model, settings, dtype=dtype, device_map=device)
+            model = load_flex_model(args.model, settings, families=("llava",), dtype=dtype, device_map=device)
             processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
         except (OSError, TypeError, ValueError) as error:
             parser.error(f"cannot load --model {args.model!r}: {error}")

@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     try:
         model = load_flex_model(
-            args.model, {"n_fa": args.n_fa, "threshold": args.threshold}, dtype=dtype, device_map=device
+            args.model,
+            {"n_fa": args.n_fa, "threshold": args.threshold},
+            families=("llava",),
+            dtype=dtype,
+            device_map=device,
         )
         processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
     except (OSError, TypeError, ValueError) as error:

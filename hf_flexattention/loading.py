@@ -94,7 +94,11 @@ def apply_settings(
 
 
 def load_flex_model(
-    name_or_path: str, settings: dict | None = None, **from_pretrained_kwargs
+    name_or_path: str,
+    settings: dict | None = None,
+    *,
+    families: tuple[str, ...] = ("llava", "llava_next"),
+    **from_pretrained_kwargs,
 ) -> FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration:
     """Load `name_or_path` as a FlexAttention model: a `flex_llava` / `flex_llava_next` checkpoint as saved, a
     `llava` / `llava_next` one patched (with the released 23-of-32 share of FlexAttention layers unless `settings`
@@ -103,14 +107,22 @@ def load_flex_model(
     Args:
         name_or_path: a Hub id or a folder.
         settings: `patch_model` settings given on purpose (None values are unset); see `apply_settings`.
+        families: the stock model types the caller serves (each with its `flex_` counterpart); a tool built for
+            LLaVA-1.5 only passes `("llava",)`, so that other checkpoints are refused before their weights load.
         **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `revision`, ...).
 
     Raises:
-        ValueError: for a checkpoint of another type (the message names what works), or a setting the model's
-            family does not have (`zoom` for LLaVA-NeXT).
+        ValueError: for a checkpoint of another type or family (the message names what works), or a setting the
+            model's family does not have (`zoom` for LLaVA-NeXT).
     """
     config = AutoConfig.from_pretrained(name_or_path, **_hub_kwargs(from_pretrained_kwargs))
     model_class = MODEL_CLASSES.get(config.model_type)
+    if model_class is not None and config.model_type.removeprefix("flex_") not in families:
+        raise ValueError(
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint, and this entry point serves "
+            f"{' and '.join(f'`{family}`' for family in families)} checkpoints only: load it with the Python API "
+            "(`hf_flexattention.loading.load_flex_model`)."
+        )
     if model_class is None:
         raise ValueError(
             f"{name_or_path!r} is a {config.model_type!r} checkpoint: FlexAttention loads LLaVA-1.5-style `llava` "

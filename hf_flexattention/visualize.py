@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_default_model()
     else:
         try:
-            model = load_flex_model(args.model)
+            model = load_flex_model(args.model, families=("llava",))
             processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
         except (OSError, TypeError, ValueError) as error:
             parser.error(f"cannot load --model {args.model!r}: {error}")

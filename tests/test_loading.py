@@ -230,3 +230,12 @@ def test_the_training_example_loads_next_checkpoints_and_checks_the_model_type(
         )
         with pytest.raises(ValueError, match=f"--model-type {wrong} does not match --model"):
             train_lora.load_base(script_args)
+
+
+def test_a_tool_for_llava_only_refuses_a_next_checkpoint_before_loading_it(stock_next_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="this entry point serves `llava` checkpoints only: load it with the Python"):
+        load_flex_model(str(stock_next_checkpoint), families=("llava",))
+    image = tmp_path / "image.png"
+    make_image(1).save(image)
+    with pytest.raises(SystemExit):  # the demo reports the refusal through its argument parser
+        demo.main(["--model", str(stock_next_checkpoint), "--image", str(image), "--prompt", "what ?"])
