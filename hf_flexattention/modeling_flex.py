@@ -18,6 +18,7 @@ from transformers.utils import logging
 from .attention import FlexAttentionConfig, base_implementation_name
 from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION
 from .quantization import high_res_projection
+from .selection import pool_cells, pooling_windows
 from .state import CACHE_ATTRIBUTE, FlexCall, FlexState, attach_state, pack_true_indices
 
 
@@ -103,6 +104,53 @@ def distinct_images(*per_image: torch.Tensor | None) -> tuple[torch.Tensor, torc
         same &= (tensor[1:] == tensor[:-1]).flatten(1).all(dim=1)
     distinct = torch.cat([same.new_ones(1), ~same])
     return distinct, distinct.long().cumsum(0) - 1
+
+
+def build_flex_state(
+    image_mask: torch.Tensor,
+    sample_image: torch.Tensor,
+    *,
+    features: torch.Tensor,
+    rotary: torch.Tensor,
+    token_cell: torch.Tensor,
+    token_valid: torch.Tensor | None = None,
+    image_inside: torch.Tensor | None = None,
+    grid: int,
+    selection_grid: int,
+    dtype: torch.dtype,
+) -> FlexState:
+    """The `FlexState` of a prefill: per image, its high-res features and rotary table (in the language model's
+    `dtype`); per sequence, where its low-res image tokens are and which cells lie inside its image.
+
+    Args:
+        image_mask: `(batch, length)` bool, the low-res image tokens.
+        sample_image: `(batch,)` each sequence's image index into `features` (-1: a text-only sequence, which then
+            has no cell inside any image and selects nothing).
+        image_inside: `(sequences with an image, g*g)` 1.0 where a cell lies inside the image (LLaVA-1.5's padding
+            margin is 0.0); None: every cell (an any-resolution base image has no padding).
+        features, rotary, token_cell, token_valid: as `FlexState` documents them.
+    """
+    batch, device = image_mask.shape[0], image_mask.device
+    image_rows = (sample_image >= 0).nonzero().squeeze(1)
+    positions = torch.zeros(batch, grid * grid, dtype=torch.long, device=device)
+    positions[image_rows] = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+    inside = torch.zeros(batch, grid * grid, device=device)
+    inside[image_rows] = 1.0 if image_inside is None else image_inside.to(device, inside.dtype)
+    windows = pooling_windows(grid, selection_grid, device)
+    cell_inside = (pool_cells(inside, windows) > 0)[:, None, None]
+    return FlexState(
+        features=features.to(dtype),
+        rotary=rotary.to(dtype),
+        row_image=sample_image.clamp(min=0),
+        image_positions=positions[:, None, None],
+        inside=inside[:, None, None],
+        cell_inside=cell_inside,
+        empty_cells=torch.zeros_like(cell_inside),
+        rows_are_images=bool((sample_image == torch.arange(batch, device=device)).all()),
+        pooling_windows=windows,
+        token_cell=token_cell,
+        token_valid=token_valid,
+    )
 
 
 class FlexAttentionMixin:

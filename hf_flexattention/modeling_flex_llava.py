@@ -27,11 +27,12 @@ from .configuration_flex_llava import FlexLlavaConfig
 from .high_res import encode_high_res_features, interpolate_rotary, rotary_table
 from .modeling_flex import (
     FlexAttentionMixin,
+    build_flex_state,
     distinct_images,
     install_flex_attention,
     sync_high_res_projections,
 )
-from .selection import inside_image, pool_cells, pooling_windows, token_cells
+from .selection import inside_image, token_cells
 from .state import FlexState
 
 
@@ -203,30 +204,21 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
         high_res_grid = config.high_res_grid
         rotary = rotary_table(interpolate_rotary(cos, high_res_grid), interpolate_rotary(sin, high_res_grid))
 
-        # Per sequence: where its image tokens are, and which cells lie inside its image (none for text-only rows).
-        grid, selection_grid = config.low_res_grid, config.resolved_selection_grid
-        positions = torch.zeros(batch, grid * grid, dtype=torch.long, device=device)
-        positions[image_rows] = image_positions
-        inside = torch.zeros(batch, grid * grid, device=device)
-        if original_image_sizes is None:
-            inside[image_rows] = 1.0
-        else:
-            inside[image_rows] = inside_image(original_image_sizes.to(device), grid).float()
-        windows = pooling_windows(grid, selection_grid, device)
-        cell_inside = (pool_cells(inside, windows) > 0)[:, None, None]
-        # The language model may run in another dtype than the vision tower that made the features.
-        text_dtype = self.model.language_model.dtype
-        return FlexState(
-            features=features.to(text_dtype),
-            rotary=rotary.to(text_dtype),
-            row_image=sample_image.clamp(min=0),
-            image_positions=positions[:, None, None],
-            inside=inside[:, None, None],
-            cell_inside=cell_inside,
-            empty_cells=torch.zeros_like(cell_inside),
-            rows_are_images=bool((sample_image == torch.arange(batch, device=device)).all()),
-            pooling_windows=windows,
-            token_cell=token_cells(selection_grid, config.high_res_grid, device),
+        grid = config.low_res_grid
+        image_inside = None
+        if original_image_sizes is not None:
+            image_inside = inside_image(original_image_sizes.to(device), grid).float()
+        return build_flex_state(
+            image_mask,
+            sample_image,
+            features=features,
+            rotary=rotary,
+            token_cell=token_cells(config.resolved_selection_grid, config.high_res_grid, device),
+            image_inside=image_inside,
+            grid=grid,
+            selection_grid=config.resolved_selection_grid,
+            # The language model may run in another dtype than the vision tower that made the features.
+            dtype=self.model.language_model.dtype,
         )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

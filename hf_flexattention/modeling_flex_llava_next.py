@@ -40,8 +40,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .attention import register_flex_attention
 from .configuration_flex_llava_next import FlexLlavaNextConfig
 from .high_res import interpolate_rotary, rotary_table
-from .modeling_flex import FlexAttentionMixin, distinct_images, install_flex_attention, sync_high_res_projections
-from .selection import pool_cells, pooling_windows, token_cells
+from .modeling_flex import (
+    FlexAttentionMixin,
+    build_flex_state,
+    distinct_images,
+    install_flex_attention,
+    sync_high_res_projections,
+)
+from .selection import token_cells
 from .state import FlexState
 
 
@@ -193,9 +199,7 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
         """
         if all(crop.shape[0] == 0 for crop in crops):
             return None
-        batch, device = image_mask.shape[0], image_mask.device
-        image_rows = (sample_image >= 0).nonzero().squeeze(1)
-        image_positions = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+        device = image_mask.device
         cos, sin = self.model.language_model.rotary_emb(crops[0].float(), position_ids=rotary_positions)
 
         text_dtype = self.model.language_model.dtype
@@ -218,25 +222,16 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
             token_cell[index, :tokens] = token_cells(selection_grid, shape, device)
             token_valid[index, :tokens] = True
 
-        positions = torch.zeros(batch, grid * grid, dtype=torch.long, device=device)
-        positions[image_rows] = image_positions
-        inside = torch.zeros(batch, grid * grid, device=device)
-        # The base image is the whole image resized (no padding margin): every cell of an image's sequence is inside.
-        inside[image_rows] = 1.0
-        windows = pooling_windows(grid, selection_grid, device)
-        cell_inside = (pool_cells(inside, windows) > 0)[:, None, None]
-        return FlexState(
+        return build_flex_state(
+            image_mask,
+            sample_image,
             features=features,
             rotary=rotary,
-            row_image=sample_image.clamp(min=0),
-            image_positions=positions[:, None, None],
-            inside=inside[:, None, None],
-            cell_inside=cell_inside,
-            empty_cells=torch.zeros_like(cell_inside),
-            rows_are_images=bool((sample_image == torch.arange(batch, device=device)).all()),
-            pooling_windows=windows,
             token_cell=token_cell,
             token_valid=token_valid,
+            grid=grid,
+            selection_grid=selection_grid,
+            dtype=text_dtype,
         )
 
     def _prepare_any_resolution_call(
