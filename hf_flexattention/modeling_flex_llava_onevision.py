@@ -107,7 +107,9 @@ class FlexLlavaOnevisionForConditionalGeneration(AnyResolutionFlexMixin, LlavaOn
                 "FlexAttention on LLaVA-OneVision serves single images, not videos: pass `pixel_values` of one image "
                 "per sample, or unpatch the model (`hf_flexattention.unpatch_model`) for video prompts."
             )
-        if batch_num_images is not None and bool((batch_num_images > 1).any()):
+        # `generate` passes `batch_num_images` to every decode step too (it is not among the multimodal inputs it
+        # drops after the prefill); checked with the images only, so a decode step reads no device value.
+        if pixel_values is not None and batch_num_images is not None and bool((batch_num_images > 1).any()):
             raise ValueError(
                 f"FlexAttention serves one image per sample; got batch_num_images={batch_num_images.tolist()}. Split "
                 "multi-image samples (stock OneVision encodes them without crops, so there is no high-res pool)."
