@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 from .modeling_flex import IGNORE_INDEX
 from .processing_flex_llava import FlexLlavaProcessor
 from .processing_flex_llava_next import FlexLlavaNextProcessor
+from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor
 
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -222,12 +223,13 @@ class LlavaConversationCollator:
     batch): for a [`FlexLlavaProcessor`], `pixel_values` `(n_images, 3, S, S)`, `high_res_pixel_values`
     `(n_images, 3, zoom * S, zoom * S)` and `original_image_sizes` `(n_images, 2)`; for a [`FlexLlavaNextProcessor`],
     `pixel_values` `(n_images, max_patches, 3, S, S)` (base image then crops, zero-padded to the batch's most
-    patches) and `image_sizes` `(n_images, 2)` (height, width). Each `<image>` spans as many tokens as the processor
+    patches) and `image_sizes` `(n_images, 2)` (height, width), the same for a [`FlexLlavaOnevisionProcessor`]
+    (its `batch_num_images` is left out: one image per sample). Each `<image>` spans as many tokens as the processor
     expands it to (the low-res grid for LLaVA-1.5, the base image's grid for LLaVA-NeXT).
 
     Args:
         processor: a [`FlexLlavaProcessor`] (its zoom must match the model's `flex_zoom`) or a
-            [`FlexLlavaNextProcessor`].
+            [`FlexLlavaNextProcessor`] or a [`FlexLlavaOnevisionProcessor`].
         max_length: truncate longer samples from the right; a sample whose image tokens or whose every answer
             token would be cut raises instead.
         padding_side: `"right"` (usual for training) or `"left"`.
@@ -246,7 +248,7 @@ class LlavaConversationCollator:
         system_prompt: str | None = None,
         append_eos: bool = True,
     ):
-        if not isinstance(processor, (FlexLlavaProcessor, FlexLlavaNextProcessor)):
+        if not isinstance(processor, (FlexLlavaProcessor, FlexLlavaNextProcessor, FlexLlavaOnevisionProcessor)):
             from transformers import LlavaNextProcessor
 
             if isinstance(processor, LlavaNextProcessor):
@@ -256,7 +258,8 @@ class LlavaConversationCollator:
                     "`FlexLlavaNextProcessor.from_llava_next_processor(processor)`."
                 )
             raise TypeError(
-                f"`processor` must be a FlexLlavaProcessor (it adds the high-res image) or a FlexLlavaNextProcessor, "
+                f"`processor` must be a FlexLlavaProcessor (it adds the high-res image), a FlexLlavaNextProcessor or "
+                f"a FlexLlavaOnevisionProcessor, "
                 f"got {type(processor).__name__}: wrap it with `FlexLlavaProcessor.from_llava_processor(processor, "
                 "zoom=model.config.flex_zoom)`."
             )
