@@ -5,7 +5,8 @@ high-res pool. On tiny models built in code (fp32, seeded), each section compare
 written reference:
 
 1. crops withheld (and `n_fa=0`) == the stock LLaVA-NeXT model run on the base image alone;
-2. select-all == a dense reference attention written here (one softmax over the causal keys and every crop token);
+2. select-all == a dense reference attention (`anyres_helpers.DenseReference`: one softmax over the causal keys and
+   every crop token);
 3. generate: cache == no cache == teacher forcing; batches (different crop grids, left padding, text-only rows) and
    beams == each sample alone;
 4. save / load, remote code without the plugin, `unpatch_model`;
@@ -13,19 +14,16 @@ written reference:
 6. the decode step's host syncs == stock's;
 7. bad inputs.
 
-Inputs come from `TinyNextInputs` below (the stock LLaVA-NeXT image processor plus a base-only prompt expansion), so
-these tests do not depend on the processor wrapper; section 5 trains through the library's collator and
+Inputs come from `tests/anyres_helpers.TinyAnyResInputs` (the stock LLaVA-NeXT image processor plus a base-only prompt
+expansion), so these tests do not depend on the processor wrapper; the references and helpers shared with the
+LLaVA-OneVision tests live there too. Section 5 trains through the library's collator and
 `FlexLlavaNextProcessor`, as users do.
 """
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
@@ -36,145 +34,85 @@ from transformers import (
     LlavaNextProcessor,
     Trainer,
 )
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import AttentionInterface
 
 from hf_flexattention import is_patched, patch_model, projections, unpatch_model
 from hf_flexattention.configuration_flex_llava_next import FlexLlavaNextConfig
 from hf_flexattention.counting import decode_step_counts
-from hf_flexattention.data import LlavaConversationCollator, LlavaSample
+from hf_flexattention.data import LlavaConversationCollator
 from hf_flexattention.modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
 from hf_flexattention.tiny import (
     TINY_IMAGE_GRID_PINPOINTS,
     TINY_IMAGE_TOKEN_ID,
     build_tiny_llava_next,
     build_tiny_next_processor,
-    build_tiny_processor,
 )
 from hf_flexattention.training import lora_target_modules
 
-from .conftest import make_image
-from .test_equivalence import rotate
-from .test_generate import greedy as greedy_with_logits
-from .test_hub import BLOCK_PLUGIN
+from .anyres_helpers import (
+    ATOL,
+    BASE_TOKENS,
+    BATCH_IMAGE,
+    BEAMS,
+    LOGITS_ATOL,
+    NEW_TOKENS,
+    PROMPTS,
+    SIZES,
+    TRAIN_ANSWERS,
+    TRAIN_SAMPLES,
+    TinyAnyResInputs,
+    alone,
+    base_only,
+    batch_of_four,
+    crops_withheld,
+    dense_reference_model,
+    greedy,
+    high_res_lora_b,
+    image,
+    logits,
+    perturb_high_res_projections,
+    run_as_remote_code_without_the_plugin,
+    stock_packed_features,
+    teacher_forced_logits,
+)
 from .test_patching import assert_state_dicts_identical
 from .test_training import logged_losses, training_args
 
 
 BACKBONES = ["llama", "mistral", "qwen2"]
-GRID = 8  # the tiny tower: 32 px / patch 4
-BASE_TOKENS = GRID * GRID
-# fp32 on CPU, same kernels on the same inputs for the plain rows: differences are rounding only (DESIGN.md 4.1).
-ATOL = 1e-5
-# Same math in another order (row by row vs whole sequence, padded vs unpadded): DESIGN.md 4.3's contract.
-LOGITS_ATOL = 1e-4
-NEW_TOKENS = 6
 
 # (height, width) of the test images -> the unpadded crop grid (rows, cols) of the tiny model's pinpoints
 # (stock `pack_image_features`): 40x70 takes the 2x2 grid (16x16 tokens), unpadded to 10 rows (new_h = 9.14 -> 9,
 # pad = 3, 16 - 6 = 10 rows kept); 60x30 takes 2x1 (16x8), nothing cut; 64x64 takes 2x2 whole.
 CROP_GRIDS = {(40, 70): (10, 16), (60, 30): (16, 8), (64, 64): (16, 16)}
-SIZES = list(CROP_GRIDS)
-
-PROMPTS = (
-    "USER: <image>\nwhat is in the image ? ASSISTANT:",
-    "USER: <image>\nwhat color is the sign ? ASSISTANT:",
-    "USER: how many trees are there ? ASSISTANT:",
-    "USER: <image>\ndescribe this picture ASSISTANT:",
-)
+assert list(CROP_GRIDS) == SIZES
 
 
-def image(size: tuple[int, int], seed: int = 1):
-    height, width = size
-    return make_image(seed, width=width, height=height)
-
-
-class TinyNextInputs:
-    """What `FlexLlavaNextProcessor` makes for the tiny model: `<image>` becomes the base image's 64 tokens, and
-    `pixel_values` `(n, patches, 3, 32, 32)` / `image_sizes` `(n, 2)` come from the stock LLaVA-NeXT image
-    processor."""
-
-    def __init__(self):
-        self.tokenizer = build_tiny_processor().tokenizer
-        self.image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 32},
-            crop_size={"height": 32, "width": 32},
-            image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
-        )
-
-    def expand(self, text: str) -> str:
-        return text.replace("<image>", "<image>" * BASE_TOKENS)
-
-    def __call__(self, images=None, text=(), padding_side="left") -> dict:
-        encoded = dict(
-            self.tokenizer(
-                [self.expand(t) for t in text], padding=True, padding_side=padding_side, return_tensors="pt"
-            )
-        )
-        counts = (encoded["input_ids"] == TINY_IMAGE_TOKEN_ID).sum(dim=1).tolist()
-        assert counts == [BASE_TOKENS * t.count("<image>") for t in text], counts
-        if images:
-            encoded.update(self.image_processor(images, return_tensors="pt"))
-        return encoded
+def next_image_processor() -> LlavaNextImageProcessorPil:
+    """The stock LLaVA-NeXT image processor of `build_tiny_next_processor`."""
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
+    )
 
 
 @pytest.fixture(scope="module")
 def next_inputs():
-    return TinyNextInputs()
+    """What `FlexLlavaNextProcessor` makes for the tiny model (`TinyAnyResInputs` over the stock NeXT processor)."""
+    return TinyAnyResInputs(next_image_processor())
 
 
 @pytest.fixture(scope="module")
 def batch_inputs(next_inputs):
     """Four samples, left padded: three images with different crop grids (10x16, 16x8, 16x16 tokens; 5, 3, 5
     patches) and a text-only row between them."""
-    images = [image(SIZES[0], 1), image(SIZES[1], 2), image(SIZES[2], 3)]
-    return next_inputs(images=images, text=list(PROMPTS))
-
-
-BATCH_IMAGE = [0, 1, None, 2]  # the image index of each row of `batch_inputs`
-
-
-def alone(next_inputs, index: int) -> dict:
-    """Sample `index` of `batch_inputs` processed on its own (no padding, its own patch count)."""
-    image_index = BATCH_IMAGE[index]
-    images = None if image_index is None else [image(SIZES[image_index], image_index + 1)]
-    return next_inputs(images=images, text=[PROMPTS[index]])
+    return batch_of_four(next_inputs)
 
 
 def stock_and_patched(backbone="llama", attn_implementation="sdpa", **patch_kwargs):
     stock = build_tiny_llava_next(backbone, attn_implementation=attn_implementation)
     patched = patch_model(copy.deepcopy(stock), **{"n_fa": 2, **patch_kwargs})
     return stock, patched
-
-
-def logits(model, inputs, **extra):
-    with torch.no_grad():
-        return model(**inputs, **extra).logits
-
-
-def stock_packed_features(stock, inputs) -> list[torch.Tensor]:
-    """The stock model's own per-image packed features: base (g*g) + unpadded crops with a newline per row."""
-    with torch.no_grad():
-        return stock.model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
-        ).pooler_output
-
-
-def base_only(stock, inputs) -> dict:
-    """Stock inputs for the base image alone: the packed features cut to their first g*g rows, handed over as
-    `mm_encoder_outputs` (stock LLaVA-NeXT cannot be given a 1-patch image: it infers the crops from the sizes)."""
-    features = (
-        [packed[:BASE_TOKENS] for packed in stock_packed_features(stock, inputs)] if "pixel_values" in inputs else []
-    )
-    stock_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
-    if features:
-        stock_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-    return stock_inputs
-
-
-def crops_withheld(inputs) -> dict:
-    return dict(inputs, pixel_values=inputs["pixel_values"][:, :1])
 
 
 # ===== the inputs ================================================================================================
@@ -236,60 +174,6 @@ def test_crops_change_only_the_answer_rows(batch_inputs):
 # ===== 2. select-all == a dense reference ======================================================================
 
 
-def reference_crop_pool(stock, inputs, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image `index`'s crop features `(R*C, D)` from the stock packed output: drop the g*g base rows, lay the rest
-    out as `(R, C + 1)` and drop the newline column."""
-    packed = stock_packed_features(stock, inputs)[index]
-    rows, cols = CROP_GRIDS[tuple(inputs["image_sizes"][index].tolist())]
-    crops = packed[BASE_TOKENS:].view(rows, cols + 1, -1)[:, :cols]
-    return crops.reshape(rows * cols, -1), (rows, cols)
-
-
-def reference_crop_rotary(stock, image_positions: torch.Tensor, crop_grid: tuple[int, int]):
-    """cos / sin `(R*C, d)` of the crop keys: the base tokens' tables, bicubically resized from g x g to R x C."""
-    cos, sin = stock.model.language_model.rotary_emb(torch.zeros(1), position_ids=image_positions[None])
-    tables = []
-    for table in (cos[0], sin[0]):
-        planes = table.reshape(GRID, GRID, -1).permute(2, 0, 1)[None]
-        resized = F.interpolate(planes, size=crop_grid, mode="bicubic", align_corners=False)
-        tables.append(resized[0].permute(1, 2, 0).reshape(crop_grid[0] * crop_grid[1], -1))
-    return tables
-
-
-class DenseReference:
-    """Eager attention over every row; in FlexAttention layers, the high-res rows of sequence `b` also attend to
-    ALL crop tokens of its image (`pools[b]`, None for a text-only sequence), in the same softmax."""
-
-    def __init__(self, pools, cos, sin, high_res_rows):
-        self.pools, self.cos, self.sin, self.high_res_rows = pools, cos, sin, high_res_rows
-
-    def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        groups = module.num_key_value_groups
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        scores = query.float() @ key.float().transpose(-1, -2) * scaling + attention_mask
-        if hasattr(module, "hr_k_proj"):
-            batch, heads, length, head_dim = query.shape
-            longest = max(pool.shape[0] for pool in self.pools if pool is not None)
-            hr_scores = torch.full((batch, heads, length, longest), float("-inf"))
-            hr_values = torch.zeros(batch, heads, longest, head_dim)
-            for b, pool in enumerate(self.pools):
-                if pool is None:
-                    continue
-                tokens = pool.shape[0]
-                hr_key = module.hr_k_proj(pool).view(tokens, -1, head_dim).transpose(0, 1)
-                hr_key = rotate(hr_key, self.cos[b], self.sin[b]).repeat_interleave(groups, dim=0)
-                hr_value = module.hr_v_proj(pool).view(tokens, -1, head_dim).transpose(0, 1)
-                rows = self.high_res_rows[b]
-                hr_scores[b, :, rows, :tokens] = (query[b].float() @ hr_key.float().transpose(-1, -2) * scaling)[
-                    :, rows
-                ]
-                hr_values[b, :, :tokens] = hr_value.repeat_interleave(groups, dim=0).float()
-            scores = torch.cat([scores, hr_scores], dim=-1)
-            value = torch.cat([value.float(), hr_values], dim=2)
-        probabilities = scores.softmax(dim=-1)
-        return (probabilities @ value.float()).to(query.dtype).transpose(1, 2), probabilities
-
-
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("with_labels", [False, True])
 @pytest.mark.parametrize("values", ["folded", "per_token"])
@@ -298,12 +182,7 @@ def test_select_all_equals_dense_reference(backbone, with_labels, values, batch_
     values enter folded (as when decoding) or token by token (as for long answers)."""
     monkeypatch.setattr(projections, "folds_values", lambda head_rows, tokens: values == "folded")
     stock, patched = stock_and_patched(backbone, selection="random", random_p=1.0)
-    # Distinct hr projections, so a mix-up with k_proj/v_proj cannot pass (Qwen2's zero biases too).
-    with torch.no_grad():
-        for layer in patched.model.language_model.layers[2:]:
-            for projection in (layer.self_attn.hr_k_proj, layer.self_attn.hr_v_proj):
-                for parameter in projection.parameters():
-                    parameter.add_(0.05 * torch.randn_like(parameter))
+    perturb_high_res_projections(patched)
 
     input_ids = batch_inputs["input_ids"]
     length = input_ids.shape[1]
@@ -314,26 +193,9 @@ def test_select_all_equals_dense_reference(backbone, with_labels, values, batch_
         answer_rows = list(range(length - 5, length - 1))
     else:
         answer_rows = [length - 1]
-
-    reference = copy.deepcopy(stock)
-    for index in (2, 3):
-        for name in ("hr_k_proj", "hr_v_proj"):
-            source = getattr(patched.model.language_model.layers[index].self_attn, name)
-            setattr(reference.model.language_model.layers[index].self_attn, name, copy.deepcopy(source))
-    pools, cos, sin, high_res_rows = [], [], [], []
-    for row, image_index in enumerate(BATCH_IMAGE):
-        high_res_rows.append(answer_rows)
-        if image_index is None:
-            pools.append(None), cos.append(None), sin.append(None)
-            continue
-        pool, crop_grid = reference_crop_pool(stock, batch_inputs, image_index)
-        image_positions = (input_ids[row] == TINY_IMAGE_TOKEN_ID).nonzero().squeeze(1)
-        row_cos, row_sin = reference_crop_rotary(stock, image_positions, crop_grid)
-        pools.append(pool), cos.append(row_cos), sin.append(row_sin)
+    crop_grids = [None if i is None else CROP_GRIDS[SIZES[i]] for i in BATCH_IMAGE]
     name = f"dense_next_reference_{backbone}_{with_labels}_{values}"
-    AttentionInterface.register(name, DenseReference(pools, cos, sin, high_res_rows))
-    AttentionMaskInterface.register(name, eager_mask)
-    reference.set_attn_implementation({"text_config": name})
+    reference = dense_reference_model(stock, patched, batch_inputs, crop_grids, answer_rows, name)
 
     trace = []
     got = logits(patched, batch_inputs, labels=labels, flex_trace=trace)
@@ -356,15 +218,6 @@ def test_select_all_equals_dense_reference(backbone, with_labels, values, batch_
 
 def flex_model(backbone="llama", **patch_kwargs):
     return patch_model(build_tiny_llava_next(backbone), **{"n_fa": 2, **patch_kwargs})
-
-
-# Every comparison runs all NEW_TOKENS steps: the random tiny model often says `</s>` first, which would end the
-# answer before any decode step. An `<image>` token in the answer would be a second image to a cache-less re-run.
-FULL_LENGTH = {"min_new_tokens": NEW_TOKENS, "suppress_tokens": [TINY_IMAGE_TOKEN_ID]}
-
-
-def greedy(model, inputs, **kwargs):
-    return greedy_with_logits(model, inputs, **FULL_LENGTH, **kwargs)
 
 
 def test_the_selection_is_partial(batch_inputs):
@@ -393,13 +246,7 @@ def test_cache_no_cache_and_teacher_forcing_agree(backbone, size, next_inputs):
 
     prompt_length = inputs["input_ids"].shape[1]
     sequence = cached.sequences
-    labels = torch.full_like(sequence, -100)
-    labels[:, prompt_length:] = sequence[:, prompt_length:]
-    forced = logits(
-        model,
-        {"input_ids": sequence, "pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]},
-        labels=labels,
-    )
+    forced = teacher_forced_logits(model, inputs, sequence)
     torch.testing.assert_close(
         forced[:, prompt_length - 1 : -1], torch.stack(cached.logits, 1), atol=LOGITS_ATOL, rtol=0
     )
@@ -426,9 +273,6 @@ def test_batch_equals_each_sample_alone(backbone, batch_inputs, next_inputs):
         torch.testing.assert_close(
             torch.stack(batched.logits, 1)[index], torch.stack(single.logits, 1)[0], atol=LOGITS_ATOL, rtol=0
         )
-
-
-BEAMS = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": NEW_TOKENS, "do_sample": False, **FULL_LENGTH}
 
 
 def test_beam_search_with_cache_equals_without(batch_inputs):
@@ -498,51 +342,11 @@ def test_a_stock_checkpoint_loads_into_the_flex_class_with_copied_projections(tm
         assert torch.equal(attention.hr_k_proj.weight, attention.k_proj.weight)
 
 
-LOAD_AS_REMOTE_CODE = """
-import sys
-from pathlib import Path
-
-import torch
-from transformers import AutoModelForImageTextToText
-
-work = Path(sys.argv[1])
-report = {}
-try:
-    import hf_flexattention  # noqa: F401
-    report["import_error"] = None
-except ModuleNotFoundError as error:
-    report["import_error"] = str(error)
-model = AutoModelForImageTextToText.from_pretrained(work / "model", trust_remote_code=True)
-inputs = torch.load(work / "inputs.pt", weights_only=True)
-report["class"] = type(model).__module__ + "." + type(model).__name__
-report["state"] = model.state_dict()
-with torch.no_grad():
-    report["logits"] = model(**inputs).logits
-    report["tokens"] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-report["plugin_modules"] = sorted(name for name in sys.modules if name.startswith("hf_flexattention"))
-torch.save(report, work / "report.pt")
-"""
-
-
 def test_remote_code_without_the_plugin_gives_identical_logits(tmp_path, batch_inputs):
     model = patch_model(build_tiny_llava_next(), n_fa=2, threshold=0.3)
     with torch.no_grad():
         model.model.language_model.layers[3].self_attn.hr_k_proj.weight.mul_(1.25)
-    model.save_pretrained(tmp_path / "model")
-    torch.save(dict(batch_inputs), tmp_path / "inputs.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONWARNINGS="ignore")
-    env.update(TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCK_PLUGIN + LOAD_AS_REMOTE_CODE, str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-6000:]
-    report = torch.load(tmp_path / "report.pt", weights_only=True)
+    report = run_as_remote_code_without_the_plugin(tmp_path, model, batch_inputs)
     assert "blocked by the test" in report["import_error"] and report["plugin_modules"] == []
     assert report["class"].startswith("transformers_modules.")
     assert report["class"].endswith("modeling_flex_llava_next.FlexLlavaNextForConditionalGeneration")
@@ -585,36 +389,9 @@ def test_patching_is_in_place_and_twice_is_a_no_op():
 
 
 # ===== 5. LoRA fine-tuning ======================================================================================
-# The library's collator with the tiny FlexLlavaNextProcessor: v1 prompts, only the answers and their `</s>`
-# supervised, stock `pixel_values` / `image_sizes`.
-
-
-def conversation(question: str, answer: str, with_image: bool) -> list[dict]:
-    return [
-        {"from": "human", "value": ("<image>\n" if with_image else "") + question},
-        {"from": "gpt", "value": answer},
-    ]
-
-
-TRAIN_SAMPLES = [
-    LlavaSample(conversation("what color is the sign ?", "red", True), image(SIZES[0], 1)),
-    LlavaSample(conversation("what is in the image ?", "a small dog", True), image(SIZES[1], 2)),
-    LlavaSample(conversation("how many trees are there ?", "two", False)),
-    LlavaSample(conversation("describe this picture", "a large house", True), image(SIZES[2], 4)),
-]
-
-
 def lora_next_model():
     config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(include_high_res=True))
     return get_peft_model(flex_model(), config)
-
-
-def high_res_lora_b(model) -> dict[str, torch.Tensor]:
-    return {
-        name: parameter
-        for name, parameter in model.named_parameters()
-        if "lora_B" in name and any(f"layers.{i}.self_attn.hr_" in name for i in (2, 3))
-    }
 
 
 @pytest.mark.usefixtures("quiet_and_single_threaded")
@@ -625,7 +402,7 @@ def test_lora_fine_tuning_trains_the_high_res_projections_and_round_trips(tmp_pa
         list(size) for size in SIZES
     ]
     supervised = [collator.processor.tokenizer.decode(row[row != -100]) for row in batch["labels"]]
-    assert supervised == ["red </s>", "a small dog </s>", "two </s>", "a large house </s>"]
+    assert supervised == TRAIN_ANSWERS
     model = lora_next_model()
     wrapped = {
         name.rsplit(".", 1)[1] for name, _ in model.named_modules() if name.endswith(("hr_k_proj", "hr_v_proj"))
@@ -730,43 +507,6 @@ def test_zoom_is_refused_for_llava_next():
     model = build_tiny_llava_next()
     with pytest.raises(ValueError, match="zoom=3` does not apply to LlavaNextForConditionalGeneration.*Leave `zoom`"):
         patch_model(model, n_fa=2, zoom=3)
-    assert not is_patched(model)
-
-
-def test_a_onevision_model_is_refused_with_what_works():
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
-
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-            vision_use_head=False,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=96,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=None,
-        ),
-        image_token_index=TINY_IMAGE_TOKEN_ID,
-        video_token_index=TINY_IMAGE_TOKEN_ID - 1,
-        image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
-    )
-    model = LlavaOnevisionForConditionalGeneration(config)
-    with pytest.raises(TypeError, match="LlavaForConditionalGeneration.*LlavaNextForConditionalGeneration.*OneVision"):
-        patch_model(model, n_fa=1)
     assert not is_patched(model)
 
 
