@@ -136,6 +136,12 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
             counts = [1] * len(sizes)
         else:
             counts = [image_size_to_num_patches(size, pinpoints, side) for size in sizes]
+            if max(counts) > pixel_values.shape[1]:
+                raise ValueError(
+                    f"`pixel_values` holds {pixel_values.shape[1]} patches per image, but `image_sizes` "
+                    f"{sizes[counts.index(max(counts))]} needs {max(counts)} (the base and its crops): pass the image "
+                    "processor's output unchanged, or one patch per image (the base alone) to withhold the crops."
+                )
         patches = torch.cat([images[:count] for images, count in zip(pixel_values, counts, strict=True)])
         features = self._encode_patches(patches.to(self.model.vision_tower.dtype), vision_feature_layer)
         per_image = features.split(counts)

@@ -539,3 +539,6 @@ def test_other_bad_image_inputs_are_refused(batch_inputs):
         model(**batch_inputs, vision_feature_select_strategy="full")
     with pytest.raises(ValueError, match="align token by token"):
         model(**batch_inputs, labels=batch_inputs["input_ids"][:, :-1])
+    # Fewer patches than an image's base and crops (the 40x70 image needs 5): a truncated input.
+    with pytest.raises(ValueError, match=r"holds 3 patches per image, but `image_sizes` \[40, 70\] needs 5"):
+        model(**dict(batch_inputs, pixel_values=batch_inputs["pixel_values"][:, :3]))
