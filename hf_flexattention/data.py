@@ -21,7 +21,7 @@ LLaVA-1.5 "v1" format `USER: ... ASSISTANT: ...</s>`), supervises every assistan
 masks everything else with -100, and runs the FlexAttention processor for the image inputs: with a
 [`FlexLlavaProcessor`] (LLaVA-1.5) `pixel_values`, `high_res_pixel_values` and `original_image_sizes`; with a
 [`FlexLlavaNextProcessor`] (LLaVA-NeXT) the stock `pixel_values` (base image and any-resolution crops) and
-`image_sizes`.
+`image_sizes`; with a [`FlexLlavaOnevisionProcessor`] (LLaVA-OneVision) those and `batch_num_images`.
 
 Example:
 
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from transformers import LlavaNextProcessor, LlavaOnevisionProcessor, LlavaProcessor
 
 from .modeling_flex import IGNORE_INDEX
 from .processing_flex_llava import FlexLlavaProcessor
@@ -54,7 +55,27 @@ USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 SYSTEM_ROLES = ("system",)
 # The image inputs each FlexAttention processor returns, passed on to the model as they come.
-IMAGE_INPUT_NAMES = ("pixel_values", "high_res_pixel_values", "original_image_sizes", "image_sizes")
+IMAGE_INPUT_NAMES = (
+    "pixel_values",
+    "high_res_pixel_values",
+    "original_image_sizes",
+    "image_sizes",
+    "batch_num_images",
+)
+# The FlexAttention processors the collator serves: each with the stock processor it wraps and how to wrap one.
+FLEX_PROCESSORS = (
+    (
+        FlexLlavaProcessor,
+        LlavaProcessor,
+        "FlexLlavaProcessor.from_llava_processor(processor, zoom=model.config.flex_zoom)",
+    ),
+    (FlexLlavaNextProcessor, LlavaNextProcessor, "FlexLlavaNextProcessor.from_llava_next_processor(processor)"),
+    (
+        FlexLlavaOnevisionProcessor,
+        LlavaOnevisionProcessor,
+        "FlexLlavaOnevisionProcessor.from_llava_onevision_processor(processor)",
+    ),
+)
 # The system prompt of LLaVA-1.5's "v1" conversation template (`conv_vicuna_v1`); opt in with `system_prompt=`.
 LLAVA_V1_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -209,8 +230,8 @@ def _as_sample(item: Any, index: int) -> LlavaSample:
 
 
 class LlavaConversationCollator:
-    """Turns [`LlavaSample`]s into a training batch for [`FlexLlavaForConditionalGeneration`] or
-    [`FlexLlavaNextForConditionalGeneration`].
+    """Turns [`LlavaSample`]s into a training batch for [`FlexLlavaForConditionalGeneration`],
+    [`FlexLlavaNextForConditionalGeneration`] or [`FlexLlavaOnevisionForConditionalGeneration`].
 
     Each conversation is rendered with `processor.chat_template` when the processor has one, else in LLaVA-1.5's
     "v1" format (`[system ]USER: question ASSISTANT: answer</s>USER: ...`). Every assistant turn is supervised,
@@ -223,12 +244,13 @@ class LlavaConversationCollator:
     batch): for a [`FlexLlavaProcessor`], `pixel_values` `(n_images, 3, S, S)`, `high_res_pixel_values`
     `(n_images, 3, zoom * S, zoom * S)` and `original_image_sizes` `(n_images, 2)`; for a [`FlexLlavaNextProcessor`],
     `pixel_values` `(n_images, max_patches, 3, S, S)` (base image then crops, zero-padded to the batch's most
-    patches) and `image_sizes` `(n_images, 2)` (height, width), the same for a [`FlexLlavaOnevisionProcessor`]
-    (its `batch_num_images` is left out: one image per sample). Each `<image>` spans as many tokens as the processor
-    expands it to (the low-res grid for LLaVA-1.5, the base image's grid for LLaVA-NeXT).
+    patches) and `image_sizes` `(n_images, 2)` (height, width); for a [`FlexLlavaOnevisionProcessor`], those and
+    `batch_num_images` `(n_images,)` (all ones: one image per sample, which the model checks). Each `<image>`
+    spans as many tokens as the processor expands it to (the low-res grid for LLaVA-1.5, the base image's grid for
+    LLaVA-NeXT and LLaVA-OneVision).
 
     Args:
-        processor: a [`FlexLlavaProcessor`] (its zoom must match the model's `flex_zoom`) or a
+        processor: a [`FlexLlavaProcessor`] (its zoom must match the model's `flex_zoom`), a
             [`FlexLlavaNextProcessor`] or a [`FlexLlavaOnevisionProcessor`].
         max_length: truncate longer samples from the right; a sample whose image tokens or whose every answer
             token would be cut raises instead.
@@ -248,21 +270,7 @@ class LlavaConversationCollator:
         system_prompt: str | None = None,
         append_eos: bool = True,
     ):
-        if not isinstance(processor, (FlexLlavaProcessor, FlexLlavaNextProcessor, FlexLlavaOnevisionProcessor)):
-            from transformers import LlavaNextProcessor
-
-            if isinstance(processor, LlavaNextProcessor):
-                raise TypeError(
-                    "`processor` must be a FlexLlavaNextProcessor for LLaVA-NeXT (its prompt holds the base image's "
-                    "tokens only), got a LlavaNextProcessor: wrap it with "
-                    "`FlexLlavaNextProcessor.from_llava_next_processor(processor)`."
-                )
-            raise TypeError(
-                f"`processor` must be a FlexLlavaProcessor (it adds the high-res image), a FlexLlavaNextProcessor or "
-                f"a FlexLlavaOnevisionProcessor, "
-                f"got {type(processor).__name__}: wrap it with `FlexLlavaProcessor.from_llava_processor(processor, "
-                "zoom=model.config.flex_zoom)`."
-            )
+        _check_processor(processor)
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
         if max_length is not None and max_length < 1:
@@ -465,9 +473,32 @@ class LlavaConversationCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _check_processor(processor: Any) -> None:
+    """Refuse anything but a FlexAttention processor; a stock one is named with the call that wraps it.
+
+    Raises:
+        TypeError: a stock Llava / LLaVA-NeXT / LLaVA-OneVision processor (no high-res image for LLaVA-1.5, every
+            crop's tokens in the prompt for the others), or anything else.
+    """
+    if isinstance(processor, tuple(flex for flex, _, _ in FLEX_PROCESSORS)):
+        return
+    names = ", ".join(flex.__name__ for flex, _, _ in FLEX_PROCESSORS)
+    for _, stock, wrap in FLEX_PROCESSORS:
+        if isinstance(processor, stock):
+            raise TypeError(
+                f"`processor` must be a FlexAttention processor ({names}), got a stock {type(processor).__name__} "
+                f"(its inputs are the unpatched model's): wrap it with `{wrap}`."
+            )
+    raise TypeError(
+        f"`processor` must be a FlexAttention processor ({names}), got {type(processor).__name__}: wrap the model's "
+        f"processor with {' or '.join(f'`{wrap}`' for _, _, wrap in FLEX_PROCESSORS)}."
+    )
+
+
 def _as_tensor(value: Any) -> torch.Tensor:
-    """A processor output as a tensor: FlexLlavaProcessor returns tensors, the LLaVA-NeXT image processor (without
-    `return_tensors`, which would also tensorise the unpadded `input_ids`) a list of equally shaped arrays."""
+    """A processor output as a tensor: FlexLlavaProcessor returns tensors, the LLaVA-NeXT / OneVision processors
+    (without `return_tensors`, which would also tensorise the unpadded `input_ids`) lists of equally shaped arrays
+    (`pixel_values`, `image_sizes`) or of ints (`batch_num_images`)."""
     return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
 
 

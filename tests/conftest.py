@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from transformers import LlavaOnevisionProcessor  # noqa: E402
 
 from hf_flexattention.tiny import build_tiny_processor  # noqa: E402
 
@@ -44,6 +45,15 @@ def quiet_and_single_threaded():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class StockOnevisionProcessor(LlavaOnevisionProcessor):
+    """The stock `LlavaOnevisionProcessor`, built without a video processor: without torchvision the stock
+    `__init__` fails on the lookup of the video processor's class even for `video_processor=None`, and leaving that
+    parameter out of the signature skips the lookup and nothing else."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens, vision_feature_select_strategy="full")
 
 
 def make_image(seed: int, width: int = 60, height: int = 40) -> Image.Image:

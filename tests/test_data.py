@@ -1,9 +1,13 @@
-"""LLaVA conversation data (issue 3): rendering, label masking, padding, mixed batches and bad input."""
+"""LLaVA conversation data (issue 3): rendering, label masking, padding, mixed batches and bad input; the collator
+with the LLaVA-OneVision processor (issue 11; LLaVA-NeXT's is tested in test_llava_next.py)."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
+from transformers import LlavaNextProcessor, LlavaProcessor
 
 from hf_flexattention import patch_model
 from hf_flexattention.data import (
@@ -13,9 +17,15 @@ from hf_flexattention.data import (
     LlavaSample,
     write_colour_dataset,
 )
-from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_llava
+from hf_flexattention.tiny import (
+    TINY_IMAGE_TOKEN_ID,
+    build_tiny_llava,
+    build_tiny_llava_onevision,
+    build_tiny_next_processor,
+    build_tiny_onevision_processor,
+)
 
-from .conftest import make_image
+from .conftest import StockOnevisionProcessor, make_image
 
 
 MULTI_TURN = [
@@ -223,10 +233,32 @@ def test_bad_collator_settings_raise(processor):
         LlavaConversationCollator(processor, padding_side="middle")
     with pytest.raises(ValueError, match="max_length"):
         LlavaConversationCollator(processor, max_length=0)
-    from transformers import LlavaProcessor
+    with pytest.raises(TypeError, match=r"must be a FlexAttention processor .*got dict: wrap .*from_llava_processor"):
+        LlavaConversationCollator({"tokenizer": processor.tokenizer})
 
-    stock = LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=4)
-    with pytest.raises(TypeError, match=r"must be a FlexLlavaProcessor .*got LlavaProcessor.*from_llava_processor"):
+
+def stock_processor(family: str, processor):
+    """The stock processor of `family` on the tiny models' parts (its `<image>` expands as the unpatched model's)."""
+    if family == "llava":
+        return LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=4)
+    if family == "llava_next":
+        parts = build_tiny_next_processor()
+        return LlavaNextProcessor(parts.image_processor, parts.tokenizer, patch_size=4, num_additional_image_tokens=1)
+    parts = build_tiny_onevision_processor()
+    return StockOnevisionProcessor(parts.image_processor, parts.tokenizer, num_image_tokens=64)
+
+
+@pytest.mark.parametrize(
+    "family, wrap",
+    [
+        ("llava", "FlexLlavaProcessor.from_llava_processor(processor, zoom=model.config.flex_zoom)"),
+        ("llava_next", "FlexLlavaNextProcessor.from_llava_next_processor(processor)"),
+        ("llava_onevision", "FlexLlavaOnevisionProcessor.from_llava_onevision_processor(processor)"),
+    ],
+)
+def test_a_stock_processor_is_refused_with_the_call_that_wraps_it(processor, family, wrap):
+    stock = stock_processor(family, processor)
+    with pytest.raises(TypeError, match=rf"got a stock {type(stock).__name__} .*wrap it with `{re.escape(wrap)}`\.$"):
         LlavaConversationCollator(stock)
 
 
@@ -237,3 +269,62 @@ def test_a_json_that_is_not_a_list_raises(tmp_path):
         LlavaConversationDataset(path)
     with pytest.raises(TypeError, match="one relative path"):
         LlavaConversationDataset([{"image": ["a.jpg", "b.jpg"], "conversations": MULTI_TURN}])
+
+
+# ----- LLaVA-OneVision ------------------------------------------------------------------------------------------
+# Images of three shapes (crop grids 1x2, 2x1 and 2x2 on the tiny pinpoints) and a text-only sample in one batch.
+ONEVISION_SAMPLES = [
+    LlavaSample(MULTI_TURN, make_image(1, width=40, height=70)),
+    LlavaSample(TEXT_ONLY),
+    LlavaSample(MULTI_TURN[:2], make_image(2, width=90, height=30)),
+    LlavaSample(MULTI_TURN[:2], make_image(3, width=64, height=64)),
+]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_onevision_batches_carry_the_stock_image_inputs_and_base_only_prompts(padding_side):
+    processor = build_tiny_onevision_processor()
+    collator = LlavaConversationCollator(processor, padding_side=padding_side)
+    batch = collator(ONEVISION_SAMPLES)
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "pixel_values",
+        "image_sizes",
+        "batch_num_images",
+    }
+    # One entry per image-bearing sample, in batch order: the base patch then the crops (zero-padded to the tiny
+    # pinpoints' most patches, 1 + 2 x 2), the (height, width) sizes, and one image per sample.
+    assert batch["pixel_values"].shape == (3, 5, 3, 32, 32)
+    assert batch["image_sizes"].tolist() == [[70, 40], [30, 90], [64, 64]]
+    assert batch["batch_num_images"].tolist() == [1, 1, 1]
+    # The prompt holds the base image's 8 x 8 tokens only, whatever the crop grid.
+    assert (batch["input_ids"] == TINY_IMAGE_TOKEN_ID).sum(dim=1).tolist() == [64, 0, 64, 64]
+    assert [supervised_text(collator, batch, row) for row in range(4)] == [
+        "red and white </s> no </s>",
+        "five </s>",
+        "red and white </s>",
+        "red and white </s>",
+    ]
+    stock = processor(images=[sample.image for sample in ONEVISION_SAMPLES if sample.image], text=["<image>"] * 3)
+    assert torch.equal(batch["pixel_values"], torch.from_numpy(np.asarray(stock["pixel_values"])))
+    for row, sample in enumerate(ONEVISION_SAMPLES):  # padding does not change a sample's tokens or labels
+        alone = collator([sample])
+        assert torch.equal(real_tokens(batch, row), alone["input_ids"][0])
+        assert torch.equal(batch["labels"][row][batch["attention_mask"][row].bool()], alone["labels"][0])
+
+
+def test_a_onevision_batch_trains_through_the_high_res_path():
+    collator = LlavaConversationCollator(build_tiny_onevision_processor())
+    batch = collator(ONEVISION_SAMPLES[:2])
+    model = patch_model(build_tiny_llava_onevision(), n_fa=2).train()
+    trace = []
+    loss = model(**batch, flex_trace=trace).loss
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    high_res = model.model.language_model.layers[3].self_attn.hr_k_proj.weight.grad
+    assert high_res is not None and high_res.abs().sum() > 0  # the crops' keys are in the loss
+    # Every answer row of the image sample ("red and white </s> no </s>": 6 rows) selected high-res tokens.
+    assert int((batch["labels"][0, 1:] != IGNORE_INDEX).sum()) == 6
+    assert trace and all(int((counts[0] > 0).sum()) == 6 for _, counts in trace)
