@@ -1,8 +1,9 @@
-"""Load any Llava or LLaVA-NeXT checkpoint as a FlexAttention model, the way every command-line entry point does.
+"""Load any Llava, LLaVA-NeXT or LLaVA-OneVision checkpoint as a FlexAttention model, the way every command-line
+entry point does.
 
 A FlexAttention checkpoint (saved with `save_pretrained`, pushed, or made by `hf_flexattention.convert`) loads with
-its own class, so its trained `hr_k_proj` / `hr_v_proj` and its saved settings are kept; a stock Llava or LLaVA-NeXT
-checkpoint is loaded and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged
+its own class, so its trained `hr_k_proj` / `hr_v_proj` and its saved settings are kept; a stock checkpoint is loaded
+and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged
 warning; settings left unset never do.
 """
 
@@ -11,16 +12,18 @@ from transformers import (
     AutoProcessor,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
+    LlavaOnevisionForConditionalGeneration,
 )
 from transformers.utils import logging
 
 from .configuration_flex_llava import released_n_fa
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
 from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
+from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration
 from .patching import is_patched, patch_model
 from .processing_flex_llava import FlexLlavaProcessor
 from .processing_flex_llava_next import FlexLlavaNextProcessor
+from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -44,27 +47,42 @@ MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "flex_llava_next": FlexLlavaNextForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
+    "flex_llava_onevision": FlexLlavaOnevisionForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
+FAMILIES = tuple(model_type for model_type in MODEL_CLASSES if not model_type.startswith("flex_"))
+FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
+# The any-resolution families (their crops are the high-res pool: no `zoom`), with their FlexAttention processor.
+ANY_RESOLUTION_PROCESSORS = {
+    "llava_next": FlexLlavaNextProcessor,
+    "llava_onevision": FlexLlavaOnevisionProcessor,
+}
+FlexModel = (
+    FlexLlavaForConditionalGeneration
+    | FlexLlavaNextForConditionalGeneration
+    | FlexLlavaOnevisionForConditionalGeneration
+)
+FlexProcessor = FlexLlavaProcessor | FlexLlavaNextProcessor | FlexLlavaOnevisionProcessor
 
 
-def flex_settings(model: FlexLlavaForConditionalGeneration) -> dict:
+def flex_settings(model: FlexModel) -> dict:
     """The `patch_model` keyword arguments that reproduce `model`'s FlexAttention settings (a family without a
     setting, e.g. LLaVA-NeXT's `zoom`, leaves it out)."""
     return {name: getattr(model.config, field) for name, field in SETTINGS.items() if hasattr(model.config, field)}
 
 
-def apply_settings(
-    model, settings: dict | None = None
-) -> FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration:
+def apply_settings(model, settings: dict | None = None) -> FlexModel:
     """Patch a stock model with `settings` (unset ones: `patch_model`'s defaults, `n_fa`: the released share), or
     apply to a FlexAttention model only the settings given that differ from its own, logging each.
 
     Args:
-        model: a `LlavaForConditionalGeneration`, a `LlavaNextForConditionalGeneration` or a FlexAttention model.
+        model: a `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
+            `LlavaOnevisionForConditionalGeneration` or a FlexAttention model.
         settings: `patch_model` keyword arguments; None values count as unset.
 
     Raises:
-        ValueError / TypeError: as `patch_model`, for a setting it refuses (e.g. a `zoom` for LLaVA-NeXT);
+        ValueError / TypeError: as `patch_model`, for a setting it refuses (e.g. a `zoom` for LLaVA-NeXT or
+            LLaVA-OneVision);
             ValueError for an unknown name.
     """
     chosen = {name: value for name, value in (settings or {}).items() if value is not None}
@@ -79,8 +97,8 @@ def apply_settings(
     if foreign:
         raise ValueError(
             f"{', '.join(f'`{name}={chosen[name]!r}`' for name in foreign)} does not apply to {type(model).__name__}: "
-            f"its settings are {sorted(saved)} (LLaVA-NeXT has no `zoom`: its high-res tokens are its own "
-            "any-resolution crops). Leave it unset."
+            f"its settings are {sorted(saved)} (LLaVA-NeXT and LLaVA-OneVision have no `zoom`: their high-res "
+            "tokens are their own any-resolution crops). Leave it unset."
         )
     changed = {name: value for name, value in chosen.items() if value != saved[name]}
     for name, value in changed.items():
@@ -97,23 +115,24 @@ def load_flex_model(
     name_or_path: str,
     settings: dict | None = None,
     *,
-    families: tuple[str, ...] = ("llava", "llava_next"),
+    families: tuple[str, ...] = FAMILIES,
     **from_pretrained_kwargs,
-) -> FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration:
-    """Load `name_or_path` as a FlexAttention model: a `flex_llava` / `flex_llava_next` checkpoint as saved, a
-    `llava` / `llava_next` one patched (with the released 23-of-32 share of FlexAttention layers unless `settings`
-    give `n_fa`).
+) -> FlexModel:
+    """Load `name_or_path` as a FlexAttention model: a `flex_llava` / `flex_llava_next` / `flex_llava_onevision`
+    checkpoint as saved, a `llava` / `llava_next` / `llava_onevision` one patched (with the released 23-of-32 share
+    of FlexAttention layers unless `settings` give `n_fa`: 20 of LLaVA-OneVision-7B's 28).
 
     Args:
         name_or_path: a Hub id or a folder.
         settings: `patch_model` settings given on purpose (None values are unset); see `apply_settings`.
-        families: the stock model types the caller serves (each with its `flex_` counterpart); a tool built for
-            LLaVA-1.5 only passes `("llava",)`, so that other checkpoints are refused before their weights load.
+        families: the stock model types the caller serves (each with its `flex_` counterpart), by default all of
+            `FAMILIES`; a tool built for LLaVA-1.5 only passes `("llava",)`, so that other checkpoints are refused
+            before their weights load.
         **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `revision`, ...).
 
     Raises:
         ValueError: for a checkpoint of another type or family (the message names what works), or a setting the
-            model's family does not have (`zoom` for LLaVA-NeXT).
+            model's family does not have (`zoom` for LLaVA-NeXT and LLaVA-OneVision).
     """
     config = AutoConfig.from_pretrained(name_or_path, **_hub_kwargs(from_pretrained_kwargs))
     model_class = MODEL_CLASSES.get(config.model_type)
@@ -125,34 +144,36 @@ def load_flex_model(
         )
     if model_class is None:
         raise ValueError(
-            f"{name_or_path!r} is a {config.model_type!r} checkpoint: FlexAttention loads LLaVA-1.5-style `llava` "
-            "and LLaVA-NeXT `llava_next` checkpoints (patched here) and `flex_llava` / `flex_llava_next` ones (saved "
-            "by hf_flexattention or made by `python -m hf_flexattention.convert`)."
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint: FlexAttention loads LLaVA-1.5-style `llava`, "
+            "LLaVA-NeXT `llava_next` and LLaVA-OneVision `llava_onevision` checkpoints (patched here) and their "
+            "`flex_` counterparts (saved by hf_flexattention or made by `python -m hf_flexattention.convert`)."
         )
     return apply_settings(model_class.from_pretrained(name_or_path, **from_pretrained_kwargs), settings)
 
 
-def load_flex_processor(name_or_path: str, zoom: int | None = None) -> FlexLlavaProcessor | FlexLlavaNextProcessor:
+def load_flex_processor(name_or_path: str, zoom: int | None = None) -> FlexProcessor:
     """The checkpoint's processor as a FlexAttention processor.
 
     For a Llava checkpoint, a `FlexLlavaProcessor` with `zoom` (the model's `config.flex_zoom`; required). For a
-    LLaVA-NeXT checkpoint, a `FlexLlavaNextProcessor` (a stock `LlavaNextProcessor` is wrapped with
-    `FlexLlavaNextProcessor.from_llava_next_processor`); LLaVA-NeXT has no zoom, so leave `zoom` None.
+    LLaVA-NeXT or LLaVA-OneVision checkpoint (stock or `flex_`), a `FlexLlavaNextProcessor` /
+    `FlexLlavaOnevisionProcessor` made of the saved processor's parts and settings (a stock processor's
+    `patch_size`, `num_image_tokens`, strategy, chat template, ...; the processor's own checks refuse settings the
+    model cannot run); these families have no zoom, so leave `zoom` None. A OneVision processor loads without its
+    video processor, hence without torchvision (the stock `LlavaOnevisionProcessor` needs it to load at all).
 
     Raises:
         ValueError: a saved `FlexLlavaProcessor` with another zoom than the model, no `zoom` for a Llava checkpoint,
-            or a `zoom` for a LLaVA-NeXT one.
+            a `zoom` for a LLaVA-NeXT / OneVision one, or processor settings the model's family cannot run.
     """
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    if isinstance(processor, LlavaNextProcessor):  # FlexLlavaNextProcessor included
+    family = AutoConfig.from_pretrained(name_or_path).model_type.removeprefix("flex_")
+    if family in ANY_RESOLUTION_PROCESSORS:
         if zoom is not None:
             raise ValueError(
-                f"zoom={zoom!r} does not apply to the LLaVA-NeXT checkpoint {name_or_path!r}: its high-res tokens are "
-                "its own any-resolution crops. Leave `zoom` unset (None)."
+                f"zoom={zoom!r} does not apply to the {FAMILY_NAMES[family]} checkpoint {name_or_path!r}: its high-res"
+                " tokens are its own any-resolution crops. Leave `zoom` unset (None)."
             )
-        if isinstance(processor, FlexLlavaNextProcessor):
-            return processor
-        return FlexLlavaNextProcessor.from_llava_next_processor(processor)
+        return ANY_RESOLUTION_PROCESSORS[family].from_pretrained(name_or_path)
+    processor = AutoProcessor.from_pretrained(name_or_path)
     if zoom is None:
         raise ValueError(
             f"{name_or_path!r} has a Llava processor: pass `zoom=model.config.flex_zoom` (the high-res side over the "
