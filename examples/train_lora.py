@@ -1,4 +1,4 @@
-"""Fine-tune a FlexAttention Llava or LLaVA-NeXT model with LoRA and the stock `Trainer`, then reload and generate.
+"""Fine-tune a FlexAttention Llava, LLaVA-NeXT or LLaVA-OneVision model with LoRA and `Trainer`, reload, generate.
 
 With no arguments it runs end to end in a minute on a CPU: it builds the tiny random Llava model of
 `hf_flexattention.tiny`, patches it, writes a small synthetic LLaVA-format dataset (coloured signs, "what color is
@@ -10,10 +10,12 @@ answers a question. Without `--model` the defaults suit that random tiny model (
 
     python examples/train_lora.py
 
-`--model-type llava_next` does the same with the tiny random LLaVA-NeXT model (`hf_flexattention.tiny`): the prompt
-holds the base image's tokens, and the any-resolution crops made by `FlexLlavaNextProcessor` are the high-res pool:
+`--model-type llava_next` (or `llava_onevision`) does the same with the tiny random LLaVA-NeXT (LLaVA-OneVision)
+model of `hf_flexattention.tiny`: the prompt holds the base image's tokens, and the any-resolution crops made by
+`FlexLlavaNextProcessor` (`FlexLlavaOnevisionProcessor`) are the high-res pool:
 
     python examples/train_lora.py --model-type llava_next
+    python examples/train_lora.py --model-type llava_onevision
 
 On real data (LLaVA's conversation JSON, e.g. `llava_v1_5_mix665k.json`, plus its image folder):
 
@@ -21,8 +23,10 @@ On real data (LLaVA's conversation JSON, e.g. `llava_v1_5_mix665k.json`, plus it
         --output-dir llava-flex-lora --n-fa 23 --threshold 0.188 --bf16 --activation-checkpointing \\
         --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --learning-rate 2e-4 --num-train-epochs 1
 
-A `--model` checkpoint's type decides the family: `llava` / `flex_llava` (LLaVA-1.5) or `llava_next` /
-`flex_llava_next` (LLaVA-NeXT, e.g. llava-hf/llava-v1.6-mistral-7b-hf; no `--zoom`: its crops are the high-res view).
+A `--model` checkpoint's type decides the family: `llava` / `flex_llava` (LLaVA-1.5), `llava_next` /
+`flex_llava_next` (LLaVA-NeXT, e.g. llava-hf/llava-v1.6-mistral-7b-hf) or `llava_onevision` / `flex_llava_onevision`
+(LLaVA-OneVision, e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf); no `--zoom` for the last two: their crops are the
+high-res view.
 
 Every `TrainingArguments` flag works (`--max-steps`, `--save-steps`, `--report-to`, ...);
 `--resume-from-checkpoint PATH` (or `last`) continues a run, warm-up included. The model is patched before LoRA
@@ -80,28 +84,40 @@ import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
-from hf_flexattention import FlexLlavaForConditionalGeneration, FlexLlavaNextForConditionalGeneration  # noqa: E402
 from hf_flexattention.adapters import load_adapter, write_adapter_settings  # noqa: E402
 from hf_flexattention.data import (  # noqa: E402
     LlavaConversationCollator,
     LlavaConversationDataset,
     write_colour_dataset,
 )
-from hf_flexattention.loading import apply_settings, load_flex_model, load_flex_processor  # noqa: E402
-from hf_flexattention.processing_flex_llava import FlexLlavaProcessor  # noqa: E402
-from hf_flexattention.processing_flex_llava_next import FlexLlavaNextProcessor  # noqa: E402
+from hf_flexattention.loading import (  # noqa: E402
+    FAMILIES,
+    FAMILY_NAMES,
+    FlexModel,
+    FlexProcessor,
+    apply_settings,
+    load_flex_model,
+    load_flex_processor,
+)
 from hf_flexattention.tiny import (  # noqa: E402
     build_tiny_llava,
     build_tiny_llava_next,
+    build_tiny_llava_onevision,
     build_tiny_next_processor,
+    build_tiny_onevision_processor,
     build_tiny_processor,
 )
 from hf_flexattention.training import HighResRampCallback, lora_target_modules  # noqa: E402
 
 
 TINY_SEED = 0
-MODEL_TYPES = ("llava", "llava_next")
-FlexModel = FlexLlavaForConditionalGeneration | FlexLlavaNextForConditionalGeneration
+MODEL_TYPES = FAMILIES
+# The tiny random model of each family and the builder of its processor (without --model).
+TINY_MODELS = {
+    "llava": (build_tiny_llava, build_tiny_processor),
+    "llava_next": (build_tiny_llava_next, build_tiny_next_processor),
+    "llava_onevision": (build_tiny_llava_onevision, build_tiny_onevision_processor),
+}
 
 
 @dataclass
@@ -110,12 +126,15 @@ class ScriptArguments:
 
     model: str | None = field(
         default=None,
-        metadata={"help": "Llava or LLaVA-NeXT checkpoint (hub id or folder); default: the tiny random model."},
+        metadata={
+            "help": "Llava, LLaVA-NeXT or LLaVA-OneVision checkpoint (hub id or folder); default: the tiny random "
+            "model."
+        },
     )
     model_type: str | None = field(
         default=None,
         metadata={
-            "help": "Model family: 'llava' (LLaVA-1.5) or 'llava_next' (LLaVA-NeXT). Picks the tiny model without "
+            "help": "Model family (llava: LLaVA-1.5). Picks the tiny model without "
             "--model (default llava); with --model the checkpoint's own type decides, and this must match it.",
             "choices": list(MODEL_TYPES),
         },
@@ -241,7 +260,8 @@ def check_arguments(script_args: ScriptArguments, training_args: TrainingArgumen
 
 def describe_run(script_args: ScriptArguments, training_args: TrainingArguments) -> str:
     """One line saying what trains, with which defaults, and where the result goes."""
-    tiny = "the tiny random LLaVA-NeXT model" if model_type(script_args) == "llava_next" else "the tiny random model"
+    family = model_type(script_args)
+    tiny = "the tiny random model" if family == "llava" else f"the tiny random {FAMILY_NAMES[family]} model"
     model = script_args.model or f"{tiny} (built in code)"
     defaults = "the tiny model's" if script_args.model is None else "TrainingArguments'"
     mode = "full fine-tuning" if script_args.full else f"LoRA r={script_args.lora_r}"
@@ -291,7 +311,7 @@ def load_base(script_args: ScriptArguments) -> FlexModel:
         "high_res_ramp": script_args.high_res_ramp,
     }
     if script_args.model is None:
-        build = build_tiny_llava_next if model_type(script_args) == "llava_next" else build_tiny_llava
+        build = TINY_MODELS[model_type(script_args)][0]
         with whole_model_loading():
             return apply_settings(build(seed=TINY_SEED), settings)
     check_model_type(script_args)
@@ -333,11 +353,13 @@ def whole_model_loading():
             deepspeed.set_hf_deepspeed_config(config)
 
 
-def load_processor(script_args: ScriptArguments, model: FlexModel) -> FlexLlavaProcessor | FlexLlavaNextProcessor:
-    """The processor for `model`: a `FlexLlavaProcessor` of its `flex_zoom`, or a `FlexLlavaNextProcessor`."""
-    zoom = getattr(model.config, "flex_zoom", None)  # LLaVA-NeXT has none
+def load_processor(script_args: ScriptArguments, model: FlexModel) -> FlexProcessor:
+    """The processor for `model`: a `FlexLlavaProcessor` of its `flex_zoom`, or a `FlexLlavaNextProcessor` /
+    `FlexLlavaOnevisionProcessor`."""
+    zoom = getattr(model.config, "flex_zoom", None)  # LLaVA-NeXT and LLaVA-OneVision have none
     if script_args.model is None:
-        return build_tiny_next_processor() if zoom is None else build_tiny_processor(zoom=zoom)
+        build = TINY_MODELS[model_type(script_args)][1]
+        return build() if zoom is None else build(zoom=zoom)
     return load_flex_processor(script_args.model, zoom=zoom)
 
 

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments
 from hf_flexattention import (
     FlexLlavaForConditionalGeneration,
     FlexLlavaNextForConditionalGeneration,
+    FlexLlavaOnevisionForConditionalGeneration,
     is_patched,
     patch_model,
 )
@@ -400,27 +401,38 @@ def test_example_trains_saves_reloads_and_generates(tmp_path):
     assert (output / "flex_attention.json").exists()  # the adapter records the base's FlexAttention settings
 
 
-def test_example_trains_llava_next_saves_reloads_and_generates(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "family, name, model_class",
+    [
+        ("llava_next", "LLaVA-NeXT", FlexLlavaNextForConditionalGeneration),
+        ("llava_onevision", "LLaVA-OneVision", FlexLlavaOnevisionForConditionalGeneration),
+    ],
+)
+def test_example_trains_any_resolution_models_saves_reloads_and_generates(tmp_path, capsys, family, name, model_class):
     sys.path.insert(0, os.path.join(REPO, "examples"))
     try:
         import train_lora
     finally:
         sys.path.pop(0)
     output = tmp_path / "out"
-    argv = ["--model-type", "llava_next", "--output-dir", str(output), "--max-steps", "6", "--tiny-samples", "12"]
+    argv = ["--model-type", family, "--output-dir", str(output), "--max-steps", "6", "--tiny-samples", "12"]
     result = train_lora.main(argv)
-    assert "Training the tiny random LLaVA-NeXT model (built in code)" in capsys.readouterr().out
+    assert f"Training the tiny random {name} model (built in code)" in capsys.readouterr().out
     assert (output / "adapter_model.safetensors").exists() and (output / "adapter_config.json").exists()
     assert result["losses"] and isinstance(result["answer"], str)
     with open(output / "trainer_state.json") as file:
-        assert json.load(file)["global_step"] == 6
+        state = json.load(file)
+    assert state["global_step"] == 6
+    # The ramp callback ran: alpha = min(1, epoch * high_res_ramp) was logged (1 at the logged epoch 1.67).
+    assert [entry["high_res_alpha"] for entry in state["log_history"] if "high_res_alpha" in entry]
     with open(output / "flex_attention.json") as file:
         recorded = json.load(file)["flex_settings"]
-    # A LLaVA-NeXT base: the released share of the tiny model's 4 layers, and no zoom (Llava's settings have one).
+    # An any-resolution base: the released share of the tiny model's 4 layers, and no zoom (Llava's settings have
+    # one).
     assert recorded["n_fa"] == 3 and "zoom" not in recorded
     script_args, _ = train_lora.parse_arguments(argv)
     reloaded = load_adapter(train_lora.load_base(script_args), output)
-    assert type(reloaded.get_base_model()) is FlexLlavaNextForConditionalGeneration
+    assert type(reloaded.get_base_model()) is model_class
 
 
 def test_example_says_what_it_does(tmp_path, capsys):
