@@ -1,27 +1,55 @@
-"""What the LLaVA-NeXT and LLaVA-OneVision tests share: the tiny any-resolution inputs, the stock references (the
-base image alone, the packed crop grid, a dense select-all attention), a training collator and the plugin-free
-subprocess.
+"""What the LLaVA-NeXT and LLaVA-OneVision tests share: the family table (`NEXT`, `ONEVISION`: builders, processors,
+classes, crop grids) and its `Setting`s, the tiny any-resolution inputs, the stock references (the base image alone,
+the packed crop grid, a dense select-all attention), a training collator and the plugin-free subprocess.
 
 Both families use the same tiny towers (an 8 x 8 base grid: 32 px at patch 4), the same tokenizer and the same
 `TINY_IMAGE_GRID_PINPOINTS`; they differ in the image processor, the stock model, and (OneVision) the shrinking of
-large crop grids, which the callers pass in as the expected crop grid of each image.
+large crop grids, which the family table gives as the expected crop grid of each image.
 """
 
 import copy
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from transformers import (
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+)
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import AttentionInterface
 
+from hf_flexattention import FlexLlavaNextProcessor, FlexLlavaOnevisionProcessor, patch_model
+from hf_flexattention.configuration_flex_llava_next import FlexLlavaNextConfig
+from hf_flexattention.configuration_flex_llava_onevision import FlexLlavaOnevisionConfig
 from hf_flexattention.data import LlavaSample
-from hf_flexattention.tiny import TINY_IMAGE_TOKEN_ID, build_tiny_processor
+from hf_flexattention.modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
+from hf_flexattention.modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration
+from hf_flexattention.tiny import (
+    TINY_IMAGE_GRID_PINPOINTS,
+    TINY_IMAGE_TOKEN_ID,
+    TINY_PAD_TOKEN_ID,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
+    build_tiny_next_processor,
+    build_tiny_onevision_processor,
+    build_tiny_processor,
+)
 
-from .conftest import make_image
+from .conftest import LLAVA_HF_TEMPLATE, StockOnevisionProcessor, make_image
 from .test_equivalence import rotate
 from .test_generate import greedy as greedy_with_logits
 from .test_hub import BLOCK_PLUGIN
@@ -121,6 +149,280 @@ def base_only(stock, inputs) -> dict:
 
 def crops_withheld(inputs) -> dict:
     return dict(inputs, pixel_values=inputs["pixel_values"][:, :1])
+
+
+# ===== the family table ========================================================================================
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+    """One any-resolution model family as the shared tests see it.
+
+    `crop_grids[ratio][size]` is the crop grid (rows, cols) the stock `pack_image_features` gives the test image of
+    `(height, width)` size (after unpadding and, for OneVision, shrinking); NeXT has the single setting `ratio=None`.
+    `stock_processor(image_processor, tokenizer, ratio)` is the stock processor that expands every crop and newline
+    token into the prompt."""
+
+    name: str
+    build: Callable  # (backbone, ratio) -> the stock tiny model
+    backbones: tuple[str, ...]
+    ratios: tuple[str | None, ...]
+    crop_grids: dict
+    image_processor: Callable
+    processor: Callable  # the family's tiny Flex processor
+    tokenizer: Callable | None  # the prompt tokenizer (None: the tiny Llava one)
+    stock_processor: Callable
+    flex_class: type
+    flex_config_class: type
+    stock_class: type
+    stock_config_class: type
+    saved_config_names: tuple[str, ...]  # what a saved Flex config must keep, beyond the shared settings
+    select_strategy: str  # the one the base grid needs; the other is refused
+    wrong_strategy: str
+    tower: str
+    expanded_prompt_hint: str  # what the stock-expanded-prompt error names (a regex piece)
+    flex_processor_class: type
+    input_keys: tuple[str, ...]  # what the processors return: input_ids, attention_mask, then the image entries
+    saved_processor_settings: tuple[str, ...]  # the Flex processor's scalars a save must keep
+    processor_scalars: dict  # what `from_llava_*_processor` must take over from the stock processor
+    tower_base: Callable  # the vision tower's hidden states -> the base image's g*g features, before the projector
+
+    @functools.cached_property
+    def inputs(self) -> "TinyAnyResInputs":
+        """What the family's Flex processor makes for the tiny model: base-only prompts over the stock image
+        processor (`TinyAnyResInputs`)."""
+        return TinyAnyResInputs(self.image_processor(), None if self.tokenizer is None else self.tokenizer())
+
+    @functools.cached_property
+    def batch(self) -> dict:
+        """`batch_of_four`: three images with different crop grids (5, 3, 5 patches) and a text-only row."""
+        return batch_of_four(self.inputs)
+
+    def stock_inputs(self, images, text, ratio=None) -> dict:
+        """What the stock processor makes: every (shrunk) crop and newline token expanded into the prompt."""
+        processor = self.stock_processor(self.inputs.image_processor, self.inputs.tokenizer, ratio)
+        return dict(processor(images=images, text=text, padding=True, return_tensors="pt"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A family with one text backbone and (OneVision) one `vision_aspect_ratio`: what a shared test runs on."""
+
+    family: Family
+    backbone: str
+    ratio: str | None
+
+    @property
+    def id(self) -> str:
+        return "-".join(part for part in (self.family.name, self.backbone, self.ratio) if part)
+
+    def stock(self):
+        return self.family.build(self.backbone, self.ratio)
+
+    def model(self, **patch_kwargs):
+        """The patched model (2 FlexAttention layers unless `patch_kwargs` say otherwise)."""
+        return patch_model(self.stock(), **{"n_fa": 2, **patch_kwargs})
+
+    def stock_and_patched(self, **patch_kwargs):
+        stock = self.stock()
+        return stock, patch_model(copy.deepcopy(stock), **{"n_fa": 2, **patch_kwargs})
+
+    def crop_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        return self.family.crop_grids[self.ratio][size]
+
+    def crop_tokens(self, size: tuple[int, int]) -> int:
+        rows, cols = self.crop_grid(size)
+        return rows * cols
+
+    def stock_inputs(self, images, text) -> dict:
+        return self.family.stock_inputs(images, text, self.ratio)
+
+
+def next_image_processor() -> LlavaNextImageProcessorPil:
+    """The stock LLaVA-NeXT image processor of `build_tiny_next_processor`."""
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS,
+    )
+
+
+def onevision_image_processor() -> LlavaOnevisionImageProcessorPil:
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=TINY_IMAGE_GRID_PINPOINTS
+    )
+
+
+def stock_next_processor(image_processor, tokenizer, ratio=None) -> LlavaNextProcessor:
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def stock_onevision_processor(image_processor, tokenizer, ratio="anyres_max_9") -> StockOnevisionProcessor:
+    return StockOnevisionProcessor(image_processor, tokenizer, BASE_TOKENS, "full", vision_aspect_ratio=ratio)
+
+
+NEXT = Family(
+    name="next",
+    build=lambda backbone, ratio: build_tiny_llava_next(backbone),
+    backbones=("llama", "mistral", "qwen2"),
+    ratios=(None,),
+    # (height, width) of the test images -> the unpadded crop grid (rows, cols) of the tiny model's pinpoints (stock
+    # `pack_image_features`): 40x70 takes the 2x2 grid (16x16 tokens), unpadded to 10 rows (new_h = 9.14 -> 9,
+    # pad = 3, 16 - 6 = 10 rows kept); 60x30 takes 2x1 (16x8), nothing cut; 64x64 takes 2x2 whole.
+    crop_grids={None: {(40, 70): (10, 16), (60, 30): (16, 8), (64, 64): (16, 16)}},
+    image_processor=next_image_processor,
+    processor=build_tiny_next_processor,
+    tokenizer=None,
+    stock_processor=stock_next_processor,
+    flex_class=FlexLlavaNextForConditionalGeneration,
+    flex_config_class=FlexLlavaNextConfig,
+    stock_class=LlavaNextForConditionalGeneration,
+    stock_config_class=LlavaNextConfig,
+    saved_config_names=(),
+    select_strategy="default",
+    wrong_strategy="full",
+    tower="clip",
+    expanded_prompt_hint=".*FlexLlavaNextProcessor",
+    flex_processor_class=FlexLlavaNextProcessor,
+    input_keys=("input_ids", "attention_mask", "pixel_values", "image_sizes"),
+    saved_processor_settings=(
+        "patch_size",
+        "vision_feature_select_strategy",
+        "num_additional_image_tokens",
+        "image_token",
+    ),
+    processor_scalars={"patch_size": 4},
+    tower_base=lambda hidden_states: hidden_states[-2][:, 1:],  # layer -2, CLS dropped ("default")
+)
+
+ONEVISION = Family(
+    name="onevision",
+    build=lambda backbone, ratio: build_tiny_llava_onevision(backbone, vision_aspect_ratio=ratio),
+    backbones=("qwen2", "llama"),  # Qwen2 as released; Llama to show nothing depends on the text backbone
+    # Where the pool's shape matters the tests run with `anyres_max_9` (nothing shrinks on the tiny model) and
+    # `anyres_max_2` (two of the three test images shrink).
+    ratios=("anyres_max_9", "anyres_max_2"),
+    # After unpadding (as on LLaVA-NeXT): 40x70 -> 10x16, 60x30 -> 16x8, 64x64 -> 16x16. `anyres_max_N` then shrinks
+    # a grid whose ratio = sqrt(R*C / (N*g*g)) exceeds 1.1 to int(R // ratio) x int(C // ratio): with N = 9 (576
+    # tokens) nothing shrinks; with N = 2 (128 tokens) 10x16 has ratio 1.118 -> 8x14, 16x8 has ratio 1 (kept),
+    # 16x16 has 1.414 -> 11x11.
+    crop_grids={
+        "anyres_max_9": {(40, 70): (10, 16), (60, 30): (16, 8), (64, 64): (16, 16)},
+        "anyres_max_2": {(40, 70): (8, 14), (60, 30): (16, 8), (64, 64): (11, 11)},
+    },
+    image_processor=onevision_image_processor,
+    processor=build_tiny_onevision_processor,
+    tokenizer=lambda: build_tiny_onevision_processor().tokenizer,  # with `<video>`
+    stock_processor=stock_onevision_processor,
+    flex_class=FlexLlavaOnevisionForConditionalGeneration,
+    flex_config_class=FlexLlavaOnevisionConfig,
+    stock_class=LlavaOnevisionForConditionalGeneration,
+    stock_config_class=LlavaOnevisionConfig,
+    saved_config_names=("video_token_id", "vision_aspect_ratio", "vision_feature_select_strategy"),
+    select_strategy="full",
+    wrong_strategy="default",
+    tower="siglip",
+    # The OneVision model's message names FlexLlavaNextProcessor too (the shared mixin's wording): not pinned here.
+    expanded_prompt_hint="",
+    flex_processor_class=FlexLlavaOnevisionProcessor,
+    input_keys=("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images"),
+    saved_processor_settings=(
+        "num_image_tokens",
+        "vision_feature_select_strategy",
+        "vision_aspect_ratio",
+        "image_token",
+        "video_token",
+        "image_token_id",
+        "video_token_id",
+    ),
+    processor_scalars={"num_image_tokens": BASE_TOKENS, "vision_aspect_ratio": "anyres_max_9"},
+    tower_base=lambda hidden_states: hidden_states[-1],  # the last layer, every token ("full")
+)
+
+FAMILIES = (NEXT, ONEVISION)
+for _family in FAMILIES:
+    assert all(list(grids) == SIZES for grids in _family.crop_grids.values()), _family.name
+
+
+def settings(*, backbones: bool = False, ratios: bool = False, ratio: str = "anyres_max_9", families=FAMILIES) -> list:
+    """`pytest.param(Setting)`s for a shared test: each family on its default backbone (the first) and, for OneVision,
+    `ratio`; `backbones` / `ratios` sweep those axes instead (NeXT has no ratio axis)."""
+    params = []
+    for family in families:
+        family_ratios = family.ratios if ratios or family.ratios == (None,) else (ratio,)
+        for backbone in family.backbones if backbones else family.backbones[:1]:
+            for each_ratio in family_ratios:
+                setting = Setting(family, backbone, each_ratio)
+                params.append(pytest.param(setting, id=setting.id))
+    return params
+
+
+# ===== the processors ==========================================================================================
+
+
+@functools.cache
+def flex_processor(family: Family):
+    """The family's tiny Flex processor with the llava-hf chat template."""
+    processor = family.processor()
+    processor.chat_template = LLAVA_HF_TEMPLATE
+    return processor
+
+
+@functools.cache
+def stock_processor(family: Family, ratio: str | None = None):
+    """The stock processor over `flex_processor(family)`'s parts (every crop and newline token in the prompt), with
+    the llava-hf chat template; OneVision's `ratio` defaults to `anyres_max_9`."""
+    flex = flex_processor(family)
+    stock = family.stock_processor(flex.image_processor, flex.tokenizer, *([ratio] if ratio else []))
+    stock.chat_template = LLAVA_HF_TEMPLATE
+    return stock
+
+
+def images_of_every_shape() -> list:
+    """(height, width): 40x70 (2x2 crops, unpadded rows), 60x30 (2x1), 20x20 (1x2), 64x64 (2x2), and a numpy
+    array (50x33) and a channels-first uint8 tensor (36x52)."""
+    rng = np.random.default_rng(7)
+    array = rng.integers(0, 256, size=(50, 33, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(rng.integers(0, 256, size=(3, 36, 52), dtype=np.uint8))
+    sized = [
+        make_image(seed, width=w, height=h) for seed, (h, w) in enumerate([(40, 70), (60, 30), (20, 20), (64, 64)])
+    ]
+    return [*sized, array, tensor]
+
+
+def shorten_image_spans(stock_inputs, base_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expected ids and mask: each row's unpadded stock ids with every run of image tokens cut to
+    `base_tokens`, left padded again to the longest row."""
+    rows = []
+    for ids, mask in zip(stock_inputs["input_ids"].tolist(), stock_inputs["attention_mask"].tolist(), strict=True):
+        ids = [token for token, keep in zip(ids, mask, strict=True) if keep]
+        shortened, run = [], 0
+        for token in ids:
+            run = run + 1 if token == TINY_IMAGE_TOKEN_ID else 0
+            if run <= base_tokens:
+                shortened.append(token)
+        rows.append(shortened)
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[TINY_PAD_TOKEN_ID] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, attention_mask
+
+
+def assert_base_only_parity(family: Family, flex_inputs, stock_inputs) -> None:
+    """The Flex processor's output is the stock one's with each image's token span cut to the base g*g tokens; the
+    image entries (`pixel_values`, `image_sizes`, OneVision's `batch_num_images`) are the stock ones."""
+    assert set(flex_inputs) == set(stock_inputs) == set(family.input_keys)
+    for key in family.input_keys[2:]:
+        assert torch.equal(flex_inputs[key], stock_inputs[key]), key
+    expected_ids, expected_mask = shorten_image_spans(stock_inputs, BASE_TOKENS)
+    assert torch.equal(flex_inputs["input_ids"], expected_ids)
+    assert torch.equal(flex_inputs["attention_mask"], expected_mask)
 
 
 # ===== the dense select-all reference =========================================================================

@@ -48,12 +48,29 @@ def _seed():
 
 
 class StockOnevisionProcessor(LlavaOnevisionProcessor):
-    """The stock `LlavaOnevisionProcessor`, built without a video processor: without torchvision the stock
-    `__init__` fails on the lookup of the video processor's class even for `video_processor=None`, and leaving that
-    parameter out of the signature skips the lookup and nothing else."""
+    """The stock `LlavaOnevisionProcessor` behaviour, unchanged, built without a video processor: without
+    torchvision the stock `__init__` fails on the lookup of the video processor's class even for
+    `video_processor=None`, and leaving that parameter out of the signature skips the lookup and nothing else.
+    `vision_feature_select_strategy` defaults to `"full"`, what the OneVision checkpoints (SigLIP, no CLS) use."""
 
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None):
-        super().__init__(image_processor, tokenizer, None, num_image_tokens, vision_feature_select_strategy="full")
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy="full",
+        chat_template=None,
+        vision_aspect_ratio="anyres_max_9",
+    ):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            vision_aspect_ratio=vision_aspect_ratio,
+        )
 
 
 def make_image(seed: int, width: int = 60, height: int = 40) -> Image.Image:
