@@ -94,6 +94,8 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
     """FlexAttention for the any-resolution families (LLaVA-NeXT, LLaVA-OneVision): the base image in the prompt,
     the crops as the high-res pool (module docstring). Listed before the stock class in a model's bases."""
 
+    flex_processor_name: str  # the processor whose prompts the family's model takes (named in error messages)
+
     def _supports_mm_encoder_outputs(self) -> bool:
         """False: `generate` would otherwise encode `pixel_values` before the prefill and drop `image_sizes`, and the
         crops must become the pool, not image tokens. The forward encodes them, once."""
@@ -177,8 +179,9 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
         if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
             raise ValueError(
                 f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (the base image; one image per "
-                f"sample), got {image_tokens.tolist()}. Build prompts with FlexLlavaNextProcessor, which expands "
-                "<image> to the base image's tokens only (a stock LlavaNextProcessor also counts the crops)."
+                f"sample), got {image_tokens.tolist()}. Build prompts with {self.flex_processor_name}, which expands "
+                f"<image> to the base image's tokens only (the stock {self.flex_processor_name.removeprefix('Flex')} "
+                "also counts the crops)."
             )
         has_image = image_tokens > 0
         if int(has_image.sum()) != n_images:
@@ -318,6 +321,7 @@ class FlexLlavaNextForConditionalGeneration(AnyResolutionFlexMixin, LlavaNextFor
     """
 
     config_class = FlexLlavaNextConfig
+    flex_processor_name = "FlexLlavaNextProcessor"
 
     def __init__(self, config: FlexLlavaNextConfig):
         check_servable(config)

@@ -53,6 +53,7 @@ class FlexLlavaOnevisionForConditionalGeneration(AnyResolutionFlexMixin, LlavaOn
     """
 
     config_class = FlexLlavaOnevisionConfig
+    flex_processor_name = "FlexLlavaOnevisionProcessor"
 
     def __init__(self, config: FlexLlavaOnevisionConfig):
         check_servable(config)

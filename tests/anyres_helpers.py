@@ -329,7 +329,7 @@ ONEVISION = Family(
     wrong_strategy="default",
     tower="siglip",
     # The OneVision model's message names FlexLlavaNextProcessor too (the shared mixin's wording): not pinned here.
-    expanded_prompt_hint="",
+    expanded_prompt_hint=".*FlexLlavaOnevisionProcessor",
     flex_processor_class=FlexLlavaOnevisionProcessor,
     input_keys=("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images"),
     saved_processor_settings=(

@@ -1,5 +1,5 @@
 """LLaVA conversation data (issue 3): rendering, label masking, padding, mixed batches and bad input; the collator
-with the LLaVA-OneVision processor (issue 11; LLaVA-NeXT's is tested in test_llava_next.py)."""
+with the LLaVA-OneVision processor (issue 11; with LLaVA-NeXT's, in test_any_resolution.py's LoRA test)."""
 
 import json
 import re
