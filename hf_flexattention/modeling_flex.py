@@ -106,9 +106,32 @@ def distinct_images(*per_image: torch.Tensor | None) -> tuple[torch.Tensor, torc
     return distinct, distinct.long().cumsum(0) - 1
 
 
+def image_placement(
+    image_mask: torch.Tensor, sample_image: torch.Tensor, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each image sits in the prompt (prefill: reads the mask on the host).
+
+    Args:
+        image_mask: `(batch, length)` bool, the low-res image tokens.
+        sample_image: `(batch,)` each sequence's image index (-1: a text-only sequence).
+        position_ids: `(batch | 1, length)` RoPE positions, or None for `0 .. length - 1`.
+
+    Returns:
+        `image_rows (n,)`: the sequences that hold an image; `image_positions (n, g*g)`: the sequence indices of
+        their image tokens; `rotary_positions (n, g*g)`: the RoPE positions of those tokens.
+    """
+    image_rows = (sample_image >= 0).nonzero().squeeze(1)
+    image_positions = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+    if position_ids is None:
+        position_ids = torch.arange(image_mask.shape[1], device=image_mask.device)[None]
+    rotary_positions = position_ids.expand(len(image_mask), -1)[image_rows].gather(1, image_positions)
+    return image_rows, image_positions, rotary_positions
+
+
 def build_flex_state(
-    image_mask: torch.Tensor,
     sample_image: torch.Tensor,
+    image_rows: torch.Tensor,
+    image_positions: torch.Tensor,
     *,
     features: torch.Tensor,
     rotary: torch.Tensor,
@@ -123,17 +146,16 @@ def build_flex_state(
     `dtype`); per sequence, where its low-res image tokens are and which cells lie inside its image.
 
     Args:
-        image_mask: `(batch, length)` bool, the low-res image tokens.
         sample_image: `(batch,)` each sequence's image index into `features` (-1: a text-only sequence, which then
             has no cell inside any image and selects nothing).
+        image_rows, image_positions: from `image_placement`.
         image_inside: `(sequences with an image, g*g)` 1.0 where a cell lies inside the image (LLaVA-1.5's padding
             margin is 0.0); None: every cell (an any-resolution base image has no padding).
         features, rotary, token_cell, token_valid: as `FlexState` documents them.
     """
-    batch, device = image_mask.shape[0], image_mask.device
-    image_rows = (sample_image >= 0).nonzero().squeeze(1)
+    batch, device = sample_image.shape[0], sample_image.device
     positions = torch.zeros(batch, grid * grid, dtype=torch.long, device=device)
-    positions[image_rows] = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+    positions[image_rows] = image_positions
     inside = torch.zeros(batch, grid * grid, device=device)
     inside[image_rows] = 1.0 if image_inside is None else image_inside.to(device, inside.dtype)
     windows = pooling_windows(grid, selection_grid, device)
@@ -255,6 +277,26 @@ class FlexAttentionMixin:
                 kwargs["flex_answer_start"] = prompt.shape[1]
         return super().generate(inputs, *args, **kwargs)
 
+    def _check_flex_arguments(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        flex_answer_start: int | None,
+    ) -> None:
+        """TypeError/ValueError for a `flex_answer_start` that is not an int, or `labels` not aligned with the
+        inputs token by token."""
+        if flex_answer_start is not None and (
+            isinstance(flex_answer_start, bool) or not isinstance(flex_answer_start, int)
+        ):
+            raise TypeError(f"`flex_answer_start` must be an int (a sequence index), got {flex_answer_start!r}.")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
+                "labels must align token by token with input_ids (-100 where no loss is wanted)."
+            )
+
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """`(batch, length)` bool: where the image tokens are; in `inputs_embeds`, the rows equal to the image token's
         embedding (how stock Llava's `get_placeholder_mask` finds them)."""
@@ -332,11 +374,11 @@ class FlexAttentionMixin:
         labels: torch.Tensor | None,
         flex_answer_start: int | None,
         use_cache: bool,
-        build_state: Callable[[torch.Tensor], FlexState | None] | None,
+        build_state: Callable[[], FlexState | None] | None,
     ) -> tuple[FlexCall | None, Cache | None]:
         """Build this call's FlexAttention view (None when no row can attend to high-res tokens).
 
-        `build_state(image_mask)` encodes this call's high-res inputs (None when it has none). A one-token call (a
+        `build_state()` encodes this call's high-res inputs (None when it has none). A one-token call (a
         decode step) reads its state from the cache and sets up its rows without reading any tensor on the host; a
         prefill encodes the high-res images and may.
         """
@@ -350,7 +392,7 @@ class FlexAttentionMixin:
                     "The high-res inputs must come with the whole prompt (prefill), not with a cache that already "
                     "holds tokens: start generation from an empty cache."
                 )
-            state = build_state(self._image_token_mask(input_ids, inputs_embeds))
+            state = build_state()
             if cache is None and use_cache and not (self.is_activation_checkpointing and self.training):
                 cache = DynamicCache(config=self.config.text_config)
             if cache is not None:

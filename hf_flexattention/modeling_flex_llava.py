@@ -29,6 +29,7 @@ from .modeling_flex import (
     FlexAttentionMixin,
     build_flex_state,
     distinct_images,
+    image_placement,
     install_flex_attention,
     sync_high_res_projections,
 )
@@ -103,7 +104,7 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
             return encode_high_res_features(encode_tiles, high_res_pixel_values, tile_size)
 
     def _check_input_types(
-        self, pixel_values, high_res_pixel_values, original_image_sizes, flex_answer_start, mm_encoder_outputs
+        self, pixel_values, high_res_pixel_values, original_image_sizes, mm_encoder_outputs
     ) -> None:
         """Type checks of the FlexAttention inputs, and the pairing of `pixel_values` with `high_res_pixel_values`."""
         if high_res_pixel_values is not None and not isinstance(high_res_pixel_values, torch.Tensor):
@@ -118,10 +119,6 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
                 "`original_image_sizes` must be an integer (n_images, 2) torch.Tensor of (height, width), as "
                 f"FlexLlavaProcessor returns; got {type(original_image_sizes).__name__}."
             )
-        if flex_answer_start is not None and (
-            isinstance(flex_answer_start, bool) or not isinstance(flex_answer_start, int)
-        ):
-            raise TypeError(f"`flex_answer_start` must be an int (a sequence index), got {flex_answer_start!r}.")
         if high_res_pixel_values is not None and pixel_values is None and mm_encoder_outputs is None:
             raise ValueError(
                 "`high_res_pixel_values` was given without `pixel_values`: the image tokens would hold no image. Pass "
@@ -184,13 +181,8 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
         sample_image = self._validate_high_res_inputs(image_mask, high_res_pixel_values, original_image_sizes)
         if high_res_pixel_values.shape[0] == 0:
             return None
-        config = self.config
-        batch, device = image_mask.shape[0], image_mask.device
-        image_rows = (sample_image >= 0).nonzero().squeeze(1)
-        image_positions = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
-        if position_ids is None:
-            position_ids = torch.arange(image_mask.shape[1], device=device)[None]
-        rotary_positions = position_ids.expand(batch, -1)[image_rows].gather(1, image_positions)
+        config, device = self.config, image_mask.device
+        image_rows, image_positions, rotary_positions = image_placement(image_mask, sample_image, position_ids)
 
         distinct, distinct_index = distinct_images(
             high_res_pixel_values, image_positions, rotary_positions, original_image_sizes
@@ -209,8 +201,9 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
         if original_image_sizes is not None:
             image_inside = inside_image(original_image_sizes.to(device), grid).float()
         return build_flex_state(
-            image_mask,
             sample_image,
+            image_rows,
+            image_positions,
             features=features,
             rotary=rotary,
             token_cell=token_cells(config.resolved_selection_grid, config.high_res_grid, device),
@@ -260,23 +253,15 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
             a [`~tracing.FlexTrace`] also keeps each row's low-res attention map and selected mask. `generate`
             passes it to every forward call (prefill and decode steps).
         """
-        trace = flex_trace
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(
-                f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
-                "labels must align token by token with input_ids (-100 where no loss is wanted)."
-            )
-        self._check_input_types(
-            pixel_values, high_res_pixel_values, original_image_sizes, flex_answer_start, mm_encoder_outputs
-        )
+        self._check_flex_arguments(input_ids, inputs_embeds, labels, flex_answer_start)
+        self._check_input_types(pixel_values, high_res_pixel_values, original_image_sizes, mm_encoder_outputs)
         use_cache = kwargs.get("use_cache", self.config.text_config.use_cache)
         build_state = None
         if high_res_pixel_values is not None:
 
-            def build_state(image_mask: torch.Tensor) -> FlexState | None:
+            def build_state() -> FlexState | None:
                 return self._build_state(
-                    image_mask,
+                    self._image_token_mask(input_ids, inputs_embeds),
                     position_ids,
                     high_res_pixel_values,
                     original_image_sizes,
@@ -288,7 +273,7 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
             input_ids, inputs_embeds, attention_mask, cache, labels, flex_answer_start, use_cache, build_state
         )
         if flex_call is not None:
-            flex_call.trace = trace
+            flex_call.trace = flex_trace
             kwargs["flex_call"] = flex_call
         return super().forward(
             input_ids=input_ids,

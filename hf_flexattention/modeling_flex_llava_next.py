@@ -44,6 +44,7 @@ from .modeling_flex import (
     FlexAttentionMixin,
     build_flex_state,
     distinct_images,
+    image_placement,
     install_flex_attention,
     sync_high_res_projections,
 )
@@ -193,22 +194,23 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
 
     def _build_state(
         self,
-        image_mask: torch.Tensor,
-        rotary_positions: torch.Tensor,
         sample_image: torch.Tensor,
+        image_rows: torch.Tensor,
+        image_positions: torch.Tensor,
+        rotary_positions: torch.Tensor,
         crops: list[torch.Tensor],
     ) -> FlexState | None:
         """Lay the crops out as the high-res pool of each sequence (prefill; host syncs allowed).
 
         Args:
-            image_mask: `(batch, length)` where the base image tokens are.
-            rotary_positions: `(n, g*g)` the RoPE positions of each distinct image's base tokens.
             sample_image: `(batch,)` index into `crops` of each sequence's image (-1: none).
+            image_rows, image_positions: where the images sit (`modeling_flex.image_placement`).
+            rotary_positions: `(n, g*g)` the RoPE positions of each distinct image's base tokens.
             crops: per distinct image, its `(R, C, D)` crop features (`encode_images`).
         """
         if all(crop.shape[0] == 0 for crop in crops):
             return None
-        device = image_mask.device
+        device = sample_image.device
         cos, sin = self.model.language_model.rotary_emb(crops[0].float(), position_ids=rotary_positions)
 
         text_dtype = self.model.language_model.dtype
@@ -232,8 +234,9 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
             token_valid[index, :tokens] = True
 
         return build_flex_state(
-            image_mask,
             sample_image,
+            image_rows,
+            image_positions,
             features=features,
             rotary=rotary,
             token_cell=token_cell,
@@ -268,16 +271,7 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
                 f"vision_feature_select_strategy={vision_feature_select_strategy!r} is not supported by FlexAttention "
                 f"here: leave it None (the config's {self.config.vision_feature_select_strategy!r})."
             )
-        if flex_answer_start is not None and (
-            isinstance(flex_answer_start, bool) or not isinstance(flex_answer_start, int)
-        ):
-            raise TypeError(f"`flex_answer_start` must be an int (a sequence index), got {flex_answer_start!r}.")
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(
-                f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
-                "labels must align token by token with input_ids (-100 where no loss is wanted)."
-            )
+        self._check_flex_arguments(input_ids, inputs_embeds, labels, flex_answer_start)
         build_state = None
         if pixel_values is not None and pixel_values.shape[0] == 0:
             pixel_values = None  # a batch of text-only prompts
@@ -286,11 +280,7 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
                 raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs`, not both.")
             image_mask = self._image_token_mask(input_ids, inputs_embeds)
             sample_image = self._check_inputs(image_mask, pixel_values, image_sizes)
-            image_rows = (sample_image >= 0).nonzero().squeeze(1)
-            placement = image_mask[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
-            if position_ids is None:
-                position_ids = torch.arange(image_mask.shape[1], device=image_mask.device)[None]
-            rotary_positions = position_ids.expand(len(image_mask), -1)[image_rows].gather(1, placement)
+            image_rows, placement, rotary_positions = image_placement(image_mask, sample_image, position_ids)
             # Beams and returned sequences repeat each sample: encode and keep each (image, placement) once.
             distinct, image_index = distinct_images(pixel_values, image_sizes, placement, rotary_positions)
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
@@ -299,8 +289,8 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
             sequence_image = torch.where(sample_image >= 0, image_index[sample_image.clamp(min=0)], -1)
             image_rotary_positions = rotary_positions[distinct]
 
-            def build_state(image_mask: torch.Tensor) -> FlexState | None:
-                return self._build_state(image_mask, image_rotary_positions, sequence_image, crops)
+            def build_state() -> FlexState | None:
+                return self._build_state(sequence_image, image_rows, placement, image_rotary_positions, crops)
 
         use_cache = kwargs.get("use_cache", self.config.text_config.use_cache)
         flex_call, cache = self._prepare_flex_call(

@@ -20,6 +20,8 @@ from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor
 MAX_RATIO = 1.3
 PROMPT = "USER: <image>\nwhat is in the image ? ASSISTANT:"
 LAYERS, N_FA = 8, 6
+# Host syncs a patched prefill adds to stock's (validation, image placement, distinct images, selected rows).
+PREFILL_SYNCS = 8
 
 
 def llava_geometry_model(num_layers=LAYERS):
@@ -101,4 +103,5 @@ def test_prefill_adds_a_few_syncs_and_none_per_layer(processor):
         patch_model(model, n_fa=layers - 2)
         added.append((count_ops(lambda: prefill(model, inputs)) - stock).syncs)  # noqa: B023
     assert added[0] == added[1], added  # independent of the number of (FlexAttention) layers
-    assert 0 < added[0] <= 10, added
+    # Pinned, not bounded: reading the image placement twice once cost 2 more syncs and passed a looser bound.
+    assert added[0] == PREFILL_SYNCS, added
