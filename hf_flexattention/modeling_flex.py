@@ -176,7 +176,22 @@ def build_flex_state(
 
 
 class FlexAttentionMixin:
-    """What every FlexAttention model class adds to its stock Llava-family class (listed first in its bases)."""
+    """What every FlexAttention model class adds to its stock Llava-family class (listed first in its bases).
+
+    A family's class says which configs it can serve (`check_config`) and how its inputs become a `FlexState`.
+    """
+
+    def __init__(self, config):
+        self.check_config(config)
+        super().__init__(config)
+        sync_high_res_projections(self, config.flex_n_fa)
+        install_flex_attention(self)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise a ValueError naming what works if this class cannot serve `config` (also run by `patch_model`,
+        which swaps the class of a loaded model without calling `__init__`)."""
+        raise NotImplementedError(f"{cls.__name__} must say which configs it serves.")
 
     @classmethod
     def is_custom_code(cls) -> bool:

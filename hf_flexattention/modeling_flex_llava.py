@@ -30,8 +30,6 @@ from .modeling_flex import (
     build_flex_state,
     distinct_images,
     image_placement,
-    install_flex_attention,
-    sync_high_res_projections,
 )
 from .selection import inside_image, token_cells
 from .state import FlexState
@@ -73,12 +71,11 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
 
     config_class = FlexLlavaConfig
 
-    def __init__(self, config: FlexLlavaConfig):
+    @classmethod
+    def check_config(cls, config) -> None:
+        """A ValueError unless `config` is a Llava config (a `vision_config` and a `text_config`)."""
         if not _is_llava_config(config):
             raise _unservable_config(config)
-        super().__init__(config)
-        sync_high_res_projections(self, config.flex_n_fa)
-        install_flex_attention(self)
 
     def encode_high_res(
         self,

@@ -45,8 +45,6 @@ from .modeling_flex import (
     build_flex_state,
     distinct_images,
     image_placement,
-    install_flex_attention,
-    sync_high_res_projections,
 )
 from .selection import token_cells
 from .state import FlexState
@@ -313,11 +311,10 @@ class FlexLlavaNextForConditionalGeneration(AnyResolutionFlexMixin, LlavaNextFor
     config_class = FlexLlavaNextConfig
     flex_processor_name = "FlexLlavaNextProcessor"
 
-    def __init__(self, config: FlexLlavaNextConfig):
+    @classmethod
+    def check_config(cls, config) -> None:
+        """`check_servable`."""
         check_servable(config)
-        super().__init__(config)
-        sync_high_res_projections(self, config.flex_n_fa)
-        install_flex_attention(self)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

@@ -26,7 +26,6 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import register_flex_attention
 from .configuration_flex_llava_onevision import FlexLlavaOnevisionConfig
-from .modeling_flex import install_flex_attention, sync_high_res_projections
 from .modeling_flex_llava_next import AnyResolutionFlexMixin, check_servable
 
 
@@ -55,12 +54,11 @@ class FlexLlavaOnevisionForConditionalGeneration(AnyResolutionFlexMixin, LlavaOn
     config_class = FlexLlavaOnevisionConfig
     flex_processor_name = "FlexLlavaOnevisionProcessor"
 
-    def __init__(self, config: FlexLlavaOnevisionConfig):
+    @classmethod
+    def check_config(cls, config) -> None:
+        """`check_servable`, and a `vision_aspect_ratio` of the form `anyres_max_N` (`max_crops`)."""
         check_servable(config)
         max_crops(config.vision_aspect_ratio)
-        super().__init__(config)
-        sync_high_res_projections(self, config.flex_n_fa)
-        install_flex_attention(self)
 
     def _shrink_crop_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """Stock `pack_image_features`' shrinking of a large `(D, R, C)` crop grid: when `R * C` exceeds the

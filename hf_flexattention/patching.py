@@ -29,8 +29,8 @@ from .modeling_flex import (
     uninstall_flex_attention,
 )
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
-from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration, check_servable
-from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration, max_crops
+from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
+from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration
 from .quantization import check_quantization
 
 
@@ -144,10 +144,7 @@ def _check_supported(model) -> _Family:
             "(LLaVA-OneVision; single images) models with a Llama, Mistral or Qwen2 language model; got "
             f"{type(model).__name__}. Load the checkpoint with one of those classes."
         )
-    if family.model_class is not LlavaForConditionalGeneration:  # the any-resolution families
-        check_servable(model.config)
-    if family.model_class is LlavaOnevisionForConditionalGeneration:
-        max_crops(model.config.vision_aspect_ratio)
+    family.flex_model_class.check_config(model.config)
     for layer in text_decoder_layers(model):
         attention = getattr(layer, "self_attn", None)
         if attention is None or not all(hasattr(attention, name) for name in ("k_proj", "v_proj", "layer_idx")):
