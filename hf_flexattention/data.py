@@ -42,12 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers import LlavaNextProcessor, LlavaOnevisionProcessor, LlavaProcessor
 
 from .modeling_flex import IGNORE_INDEX
-from .processing_flex_llava import FlexLlavaProcessor
-from .processing_flex_llava_next import FlexLlavaNextProcessor
-from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor
+from .patching import FAMILIES
 
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -61,20 +58,6 @@ IMAGE_INPUT_NAMES = (
     "original_image_sizes",
     "image_sizes",
     "batch_num_images",
-)
-# The FlexAttention processors the collator serves: each with the stock processor it wraps and how to wrap one.
-FLEX_PROCESSORS = (
-    (
-        FlexLlavaProcessor,
-        LlavaProcessor,
-        "FlexLlavaProcessor.from_llava_processor(processor, zoom=model.config.flex_zoom)",
-    ),
-    (FlexLlavaNextProcessor, LlavaNextProcessor, "FlexLlavaNextProcessor.from_llava_next_processor(processor)"),
-    (
-        FlexLlavaOnevisionProcessor,
-        LlavaOnevisionProcessor,
-        "FlexLlavaOnevisionProcessor.from_llava_onevision_processor(processor)",
-    ),
 )
 # The system prompt of LLaVA-1.5's "v1" conversation template (`conv_vicuna_v1`); opt in with `system_prompt=`.
 LLAVA_V1_SYSTEM_PROMPT = (
@@ -480,18 +463,18 @@ def _check_processor(processor: Any) -> None:
         TypeError: a stock Llava / LLaVA-NeXT / LLaVA-OneVision processor (no high-res image for LLaVA-1.5, every
             crop's tokens in the prompt for the others), or anything else.
     """
-    if isinstance(processor, tuple(flex for flex, _, _ in FLEX_PROCESSORS)):
+    if isinstance(processor, tuple(family.flex_processor_class for family in FAMILIES)):
         return
-    names = ", ".join(flex.__name__ for flex, _, _ in FLEX_PROCESSORS)
-    for _, stock, wrap in FLEX_PROCESSORS:
-        if isinstance(processor, stock):
+    names = ", ".join(family.flex_processor_class.__name__ for family in FAMILIES)
+    for family in FAMILIES:
+        if isinstance(processor, family.processor_class):
             raise TypeError(
                 f"`processor` must be a FlexAttention processor ({names}), got a stock {type(processor).__name__} "
-                f"(its inputs are the unpatched model's): wrap it with `{wrap}`."
+                f"(its inputs are the unpatched model's): wrap it with `{family.wrap_call()}`."
             )
     raise TypeError(
         f"`processor` must be a FlexAttention processor ({names}), got {type(processor).__name__}: wrap the model's "
-        f"processor with {' or '.join(f'`{wrap}`' for _, _, wrap in FLEX_PROCESSORS)}."
+        f"processor with {' or '.join(f'`{family.wrap_call()}`' for family in FAMILIES)}."
     )
 
 

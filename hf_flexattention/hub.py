@@ -25,7 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import LlavaForConditionalGeneration
 
 from .adapters import SETTINGS_FILE, write_adapter_settings
-from .patching import is_patched
+from .patching import family_by_model_type, is_patched
 from .processing_flex_llava import FlexLlavaProcessor
 
 
@@ -92,22 +92,16 @@ def _check_shareable(model):
     )
 
 
-# model_type: (processor class, its classmethod that wraps the stock processor)
-ANY_RESOLUTION_PROCESSORS = {
-    "flex_llava_next": ("FlexLlavaNextProcessor", "from_llava_next_processor"),
-    "flex_llava_onevision": ("FlexLlavaOnevisionProcessor", "from_llava_onevision_processor"),
-}
-
-
 def _check_processor(processor, config) -> None:
     if processor is None:
         return
-    if getattr(config, "flex_zoom", None) is None:  # an any-resolution family
-        name, wrap = ANY_RESOLUTION_PROCESSORS[config.model_type]
+    family = family_by_model_type(config.model_type)
+    if not family.has_zoom:  # an any-resolution family
+        name = family.flex_processor_class.__name__
         if type(processor).__name__ != name:
             raise TypeError(
                 f"`processor` must be a {name}, got {type(processor).__name__}. Wrap the stock processor with "
-                f"`{name}.{wrap}(processor)`."
+                f"`{family.wrap_call()}`."
             )
         return
     if not (isinstance(processor, FlexLlavaProcessor) or type(processor).__name__ == "FlexLlavaProcessor"):
@@ -203,10 +197,11 @@ def _usage(repo_id: str, base_model: str | None, config, has_processor: bool | N
             else ("If this repository holds no processor (`processor_config.json`)")
         )
         base = base_model or "BASE_LLAVA_MODEL"
-        name, wrap = ANY_RESOLUTION_PROCESSORS.get(config.model_type, ("", ""))
+        family = family_by_model_type(config.model_type)
+        name = family.flex_processor_class.__name__
         wrap_processor = (
             f"from hf_flexattention import {name}\n\n"
-            f'processor = {name}.{wrap}(AutoProcessor.from_pretrained("{base}"))'
+            f'processor = {name}.{family.wrap}(AutoProcessor.from_pretrained("{base}"))'
             if zoom is None
             else "from hf_flexattention import FlexLlavaProcessor\n\n"
             f'llava_processor = AutoProcessor.from_pretrained("{base}")\n'

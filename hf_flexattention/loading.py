@@ -10,9 +10,6 @@ warning; settings left unset never do.
 from transformers import (
     AutoConfig,
     AutoProcessor,
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
-    LlavaOnevisionForConditionalGeneration,
 )
 from transformers.utils import logging
 
@@ -20,7 +17,8 @@ from .configuration_flex_llava import released_n_fa
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
 from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
 from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration
-from .patching import is_patched, patch_model
+from .patching import FAMILIES as PATCHED_FAMILIES
+from .patching import family_by_model_type, is_patched, patch_model
 from .processing_flex_llava import FlexLlavaProcessor
 from .processing_flex_llava_next import FlexLlavaNextProcessor
 from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor
@@ -43,20 +41,11 @@ SETTINGS = {
 
 # The checkpoint types `load_flex_model` loads, and the class each loads as (stock ones are then patched).
 MODEL_CLASSES = {
-    "flex_llava": FlexLlavaForConditionalGeneration,
-    "llava": LlavaForConditionalGeneration,
-    "flex_llava_next": FlexLlavaNextForConditionalGeneration,
-    "llava_next": LlavaNextForConditionalGeneration,
-    "flex_llava_onevision": FlexLlavaOnevisionForConditionalGeneration,
-    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    **{family.flex_config_class.model_type: family.flex_model_class for family in PATCHED_FAMILIES},
+    **{family.model_type: family.model_class for family in PATCHED_FAMILIES},
 }
-FAMILIES = tuple(model_type for model_type in MODEL_CLASSES if not model_type.startswith("flex_"))
-FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
-# The any-resolution families (their crops are the high-res pool: no `zoom`), with their FlexAttention processor.
-ANY_RESOLUTION_PROCESSORS = {
-    "llava_next": FlexLlavaNextProcessor,
-    "llava_onevision": FlexLlavaOnevisionProcessor,
-}
+FAMILIES = tuple(family.model_type for family in PATCHED_FAMILIES)
+FAMILY_NAMES = {family.model_type: family.name for family in PATCHED_FAMILIES}
 FlexModel = (
     FlexLlavaForConditionalGeneration
     | FlexLlavaNextForConditionalGeneration
@@ -165,14 +154,14 @@ def load_flex_processor(name_or_path: str, zoom: int | None = None) -> FlexProce
         ValueError: a saved `FlexLlavaProcessor` with another zoom than the model, no `zoom` for a Llava checkpoint,
             a `zoom` for a LLaVA-NeXT / OneVision one, or processor settings the model's family cannot run.
     """
-    family = AutoConfig.from_pretrained(name_or_path).model_type.removeprefix("flex_")
-    if family in ANY_RESOLUTION_PROCESSORS:
+    family = family_by_model_type(AutoConfig.from_pretrained(name_or_path).model_type)
+    if family is not None and not family.has_zoom:
         if zoom is not None:
             raise ValueError(
-                f"zoom={zoom!r} does not apply to the {FAMILY_NAMES[family]} checkpoint {name_or_path!r}: its high-res"
+                f"zoom={zoom!r} does not apply to the {family.name} checkpoint {name_or_path!r}: its high-res"
                 " tokens are its own any-resolution crops. Leave `zoom` unset (None)."
             )
-        return ANY_RESOLUTION_PROCESSORS[family].from_pretrained(name_or_path)
+        return family.flex_processor_class.from_pretrained(name_or_path)
     processor = AutoProcessor.from_pretrained(name_or_path)
     if zoom is None:
         raise ValueError(

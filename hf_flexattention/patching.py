@@ -14,8 +14,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    LlavaProcessor,
 )
 
 from .attention import base_implementation_name
@@ -31,6 +34,9 @@ from .modeling_flex import (
 from .modeling_flex_llava import FlexLlavaForConditionalGeneration
 from .modeling_flex_llava_next import FlexLlavaNextForConditionalGeneration
 from .modeling_flex_llava_onevision import FlexLlavaOnevisionForConditionalGeneration
+from .processing_flex_llava import FlexLlavaProcessor
+from .processing_flex_llava_next import FlexLlavaNextProcessor
+from .processing_flex_llava_onevision import FlexLlavaOnevisionProcessor
 from .quantization import check_quantization
 
 
@@ -42,47 +48,84 @@ _CONFIG_ENTRIES_TO_RESTORE = ("model_type", "architectures", "auto_map")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Family:
-    """A Llava family FlexAttention patches: its stock and FlexAttention classes, and the method that tells a
-    FlexAttention model of this family loaded as remote code (another copy of the class) by what it can do."""
+class Family:
+    """A Llava family FlexAttention serves: the one table that patching, loading, the collator and the Hub card
+    read. `contract_method` tells a FlexAttention model of this family loaded as remote code (another copy of the
+    class) by what it can do; `wrap` is the FlexAttention processor's classmethod that wraps a stock processor."""
 
+    name: str
     model_class: type
     config_class: type
+    processor_class: type
     flex_model_class: type
     flex_config_class: type
+    flex_processor_class: type
     contract_method: str
+    wrap: str
+
+    @property
+    def model_type(self) -> str:
+        """The stock checkpoints' `model_type` (`"llava"`, `"llava_next"`, `"llava_onevision"`)."""
+        return self.config_class.model_type
+
+    @property
+    def has_zoom(self) -> bool:
+        """Whether the high-res view is a zoomed image (LLaVA-1.5), not the model's own any-resolution crops."""
+        return "flex_zoom" in self.flex_fields()
 
     def flex_fields(self) -> list[str]:
         parent = {field.name for field in dataclasses.fields(self.config_class)}
         return [field.name for field in dataclasses.fields(self.flex_config_class) if field.name not in parent]
 
+    def wrap_call(self) -> str:
+        """How a user wraps the stock processor, as code."""
+        zoom = ", zoom=model.config.flex_zoom" if self.has_zoom else ""
+        return f"{self.flex_processor_class.__name__}.{self.wrap}(processor{zoom})"
+
 
 FAMILIES = (
-    _Family(
+    Family(
+        "LLaVA-1.5",
         LlavaForConditionalGeneration,
         LlavaConfig,
+        LlavaProcessor,
         FlexLlavaForConditionalGeneration,
         FlexLlavaConfig,
+        FlexLlavaProcessor,
         "encode_high_res",
+        "from_llava_processor",
     ),
-    _Family(
+    Family(
+        "LLaVA-NeXT",
         LlavaNextForConditionalGeneration,
         LlavaNextConfig,
+        LlavaNextProcessor,
         FlexLlavaNextForConditionalGeneration,
         FlexLlavaNextConfig,
+        FlexLlavaNextProcessor,
         "encode_images",
+        "from_llava_next_processor",
     ),
-    _Family(
+    Family(
+        "LLaVA-OneVision",
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionConfig,
+        LlavaOnevisionProcessor,
         FlexLlavaOnevisionForConditionalGeneration,
         FlexLlavaOnevisionConfig,
+        FlexLlavaOnevisionProcessor,
         "encode_images",
+        "from_llava_onevision_processor",
     ),
 )
 
 
-def _family_of(model) -> _Family | None:
+def family_by_model_type(model_type: str) -> Family | None:
+    """The family of a stock or `flex_` checkpoint's `model_type`, or None."""
+    return next((family for family in FAMILIES if family.model_type == model_type.removeprefix("flex_")), None)
+
+
+def _family_of(model) -> Family | None:
     """The family of a stock or FlexAttention model (None for any other model)."""
     for family in FAMILIES:
         if type(model) is family.model_class or isinstance(model, family.flex_model_class):
@@ -135,7 +178,7 @@ def _reject_sharded(model) -> None:
         )
 
 
-def _check_supported(model) -> _Family:
+def _check_supported(model) -> Family:
     family = _family_of(model)
     if family is None:
         raise TypeError(
@@ -230,7 +273,7 @@ def patch_model(
     _reject_sharded(model)
     check_quantization(model)
     config = model.config
-    has_zoom = "flex_zoom" in family.flex_fields()
+    has_zoom = family.has_zoom
     if not has_zoom and zoom is not None:
         raise ValueError(
             f"`zoom={zoom}` does not apply to {family.model_class.__name__}: its high-res tokens are its own "
