@@ -127,12 +127,16 @@ def build_tiny_llava_onevision(
 ) -> LlavaOnevisionForConditionalGeneration:
     """A randomly initialised (seeded) tiny `LlavaOnevisionForConditionalGeneration` in eval mode."""
     config = tiny_llava_onevision_config(backbone, **config_kwargs)
+    return _build(
+        LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation, dtype, attention_sharpness
+    )
+
+
+def _build(model_class, config, seed: int, attn_implementation: str, dtype: torch.dtype, attention_sharpness: float):
+    """`model_class(config)` seeded, in `dtype`, with sharpened attention, in eval mode."""
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    return _sharpen_attention(LlavaOnevisionForConditionalGeneration(config).to(dtype), attention_sharpness)
-
-
-def _sharpen_attention(model, attention_sharpness: float):
+    model = model_class(config).to(dtype)
     # At the default init scale, tiny attention is almost uniform and every selection would be all-or-nothing;
     # sharper queries and keys give the peaked attention maps that trained models have.
     with torch.no_grad():
@@ -153,9 +157,7 @@ def build_tiny_llava_next(
 ) -> LlavaNextForConditionalGeneration:
     """A randomly initialised (seeded) tiny `LlavaNextForConditionalGeneration` in eval mode."""
     config = tiny_llava_next_config(backbone, **config_kwargs)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return _sharpen_attention(LlavaNextForConditionalGeneration(config).to(dtype), attention_sharpness)
+    return _build(LlavaNextForConditionalGeneration, config, seed, attn_implementation, dtype, attention_sharpness)
 
 
 def build_tiny_llava(
@@ -169,9 +171,7 @@ def build_tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised (seeded) tiny `LlavaForConditionalGeneration` in eval mode."""
     config = tiny_llava_config(backbone, **config_kwargs)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return _sharpen_attention(LlavaForConditionalGeneration(config).to(dtype), attention_sharpness)
+    return _build(LlavaForConditionalGeneration, config, seed, attn_implementation, dtype, attention_sharpness)
 
 
 TINY_WORDS = (
