@@ -10,25 +10,32 @@ they have in common at the start:
 
 The vision tower is shared and frozen in all three (as LLaVA-1.5 freezes CLIP). No pretrained tower can be
 downloaded here, so it is first taught to read the task's font patch by patch on generic tiles
-(`pretrain_vision_tower`, never a task image). The projector and the language model are trained from scratch, and
-the FlexAttention variant also trains its `hr_k_proj` / `hr_v_proj`. By default the questions are "what letter is
-in the <colour> box ?" with one box per image, free answer (`--multiple-choice-share` adds prompts that list the
-options; `--boxes`, `--letter-clutter`, `--kind`, `--letter-scale` change the task).
+(`pretrain_vision_tower`, never a task image). The projector (with `nn.Linear`'s own init: see `build_model`) and
+the language model are trained from scratch, and the FlexAttention variant also trains its `hr_k_proj` /
+`hr_v_proj`. By default the questions are "what letter is in the <colour> box ?" with one box per image, free
+answer (`--multiple-choice-share` adds prompts that list the options; `--boxes`, `--letter-clutter`, `--kind`,
+`--letter-scale` change the task).
 
 Evaluation (on `--eval-split`: `validation` while developing, `test` once at the end): multiple-choice accuracy
 (the option with the highest likelihood wins, as in V* Bench), free-answer accuracy (greedy generation), for
-FlexAttention the mean fraction of high-res tokens selected and the hit rate per layer (the answer row's
-selection covers at least half of the target's box), and the per-sample cost of a free answer: wall time of
-`generate` on this machine and analytic FLOPs from `hf_flexattention.cost`.
+FlexAttention the mean fraction of high-res tokens selected, the hit rate per layer (the answer row's
+selection covers at least half of the target's box) and the attention on the target (the answer row's low-res
+attention per pixel of the target's box over its mean per pixel of the image: 1 for a row that does not look at
+it), and the per-sample cost of a free answer: wall time of `generate` on this machine and analytic FLOPs from
+`hf_flexattention.cost`.
 
     python examples/train_visual_search.py                      # all three variants, validation split
-    python examples/train_visual_search.py --eval-split test    # the README's table (~15 min on 2 CPU cores)
+    # The README's table, and the model the package ships (about 15 min on 2 CPU cores):
+    python examples/train_visual_search.py --eval-split test --threads 2 \
+        --save-flex hf_flexattention/pretrained/visual_search
 """
 
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,11 +116,23 @@ def build_model(
     config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     model = LlavaForConditionalGeneration(config)
+    # nn.Linear's own (Kaiming-uniform) init for the projector instead of Llava's N(0, 0.02): with the latter the
+    # letter signal reaching the language model trained from scratch is too weak, and every variant stayed on the
+    # loss plateau of guessing (measured; see the README's visual-search section).
+    for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+        layer.reset_parameters()
     if tower_state is not None:
         model.model.vision_tower.load_state_dict(tower_state)
     model.model.vision_tower.requires_grad_(False)  # frozen, as LLaVA-1.5 freezes CLIP
     if variant == "flex":
-        model = patch_model(model, n_fa=args.n_fa, threshold=args.threshold, selection_grid=args.selection_grid)
+        model = patch_model(
+            model,
+            n_fa=args.n_fa,
+            selection=args.selection,
+            threshold=args.threshold,
+            topk_ratio=args.topk_ratio,
+            selection_grid=args.selection_grid,
+        )
     return model
 
 
@@ -300,13 +319,28 @@ def box_coverage(selected: torch.Tensor, box: tuple[int, int, int, int], image_s
     return float(pixels[top:bottom, left:right].mean())
 
 
+def attention_lift(low_res_map: torch.Tensor, box: tuple[int, int, int, int], image_side: int) -> float:
+    """How much more low-res attention (per pixel) the target's box gets than the image on average (1: none).
+
+    `low_res_map` `(g*g,)` is the answer row's attention over the low-res tokens (the map the selection
+    thresholds); each token's attention is spread over the pixels of its cell, so a row that ignores where the
+    target is gets 1 in expectation, and one that looks at it gets more. Unlike the hit rate, it does not grow with
+    the share of the image the threshold keeps.
+    """
+    grid = int(low_res_map.numel() ** 0.5)
+    cells = low_res_map.view(1, 1, grid, grid).float()
+    pixels = torch.nn.functional.interpolate(cells, size=(image_side, image_side), mode="nearest")[0, 0]
+    left, top, right, bottom = box
+    return float(pixels[top:bottom, left:right].mean() / pixels.mean())
+
+
 @torch.no_grad()
 def evaluate(variant: str, model, processor: FlexLlavaProcessor, args) -> dict:
     """Accuracies, selection statistics and cost on `args.eval_samples` samples of `args.eval_split`."""
     collator = LlavaConversationCollator(processor)
     tokenizer = processor.tokenizer
     mc_correct = free_correct = 0
-    times, fractions, hits, coverages = [], [], {}, {}
+    times, fractions, hits, coverages, lifts = [], [], {}, {}, {}
     samples = [make_sample(args.eval_split, index, **sample_kwargs(args)) for index in range(args.eval_samples)]
     for sample in tqdm(samples, desc=f"evaluate {variant} on {args.eval_split}"):
         # Multiple choice: the option whose answer tokens have the lowest loss (one row per option).
@@ -342,9 +376,10 @@ def evaluate(variant: str, model, processor: FlexLlavaProcessor, args) -> dict:
         free_correct += answer == sample.answer
         if trace is not None:
             selections = trace.selections_for(inputs["input_ids"].shape[1] - 1)
-            for layer, (_, selected) in selections.items():
+            for layer, (low_res_map, selected) in selections.items():
                 coverage = box_coverage(selected, sample.target_box, sample.image.width)
                 coverages.setdefault(layer, []).append(coverage)
+                lifts.setdefault(layer, []).append(attention_lift(low_res_map, sample.target_box, sample.image.width))
                 hits.setdefault(layer, []).append(coverage >= 0.5)
                 fractions.append(float(selected.float().mean()))
     count = len(samples)
@@ -360,6 +395,7 @@ def evaluate(variant: str, model, processor: FlexLlavaProcessor, args) -> dict:
         result["selected_fraction"] = sum(fractions) / len(fractions)
         result["hit_rate"] = {str(layer): sum(v) / len(v) for layer, v in sorted(hits.items())}
         result["box_coverage"] = {str(layer): sum(v) / len(v) for layer, v in sorted(coverages.items())}
+        result["attention_lift"] = {str(layer): sum(v) / len(v) for layer, v in sorted(lifts.items())}
     result["gflops_per_sample"] = generation_flops(variant, model, inputs) / 1e9
     return result
 
@@ -378,14 +414,16 @@ def generation_flops(variant: str, model, inputs) -> float:
 
 def format_table(results: list[dict]) -> str:
     lines = [
-        "| variant | MC acc | free acc | selected | hit rate per layer | s / sample | GFLOPs / sample | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | MC acc | free acc | selected | hit rate per layer | attention on target (x uniform) "
+        "| s / sample | GFLOPs / sample | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         hit = ", ".join(f"L{layer}: {rate:.2f}" for layer, rate in r.get("hit_rate", {}).items()) or "-"
+        lift = ", ".join(f"L{layer}: {value:.2f}" for layer, value in r.get("attention_lift", {}).items()) or "-"
         selected = f"{r['selected_fraction']:.1%}" if "selected_fraction" in r else "-"
         lines.append(
-            f"| {r['variant']} | {r['mc_accuracy']:.1%} | {r['free_accuracy']:.1%} | {selected} | {hit} | "
+            f"| {r['variant']} | {r['mc_accuracy']:.1%} | {r['free_accuracy']:.1%} | {selected} | {hit} | {lift} | "
             f"{r['seconds_per_sample'] * 1e3:.1f} ms | {r['gflops_per_sample']:.3f} | {r['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -405,27 +443,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="vision tower pretraining steps (0: none)")
-    parser.add_argument("--train-samples", type=int, default=8000)
+    parser.add_argument("--train-samples", type=int, default=19200)
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--n-fa", type=int, default=2)
+    parser.add_argument("--selection", choices=("threshold", "topk"), default="threshold")
     parser.add_argument("--threshold", type=float, default=48 / 255)
+    parser.add_argument("--topk-ratio", type=float, default=0.25, help="--selection topk's budget")
     parser.add_argument("--selection-grid", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-split", choices=("validation", "test"), default="validation")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--timed-samples", type=int, default=30, help="samples whose generate is timed")
     parser.add_argument("--output-dir", default="outputs/visual_search")
-    parser.add_argument("--save-flex", help="folder to save the trained FlexAttention model and processor to")
+    parser.add_argument(
+        "--save-flex",
+        help="folder to save the trained FlexAttention model, processor, model card and task.json to "
+        "(hf_flexattention/pretrained/visual_search is the one the package ships)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    if args.save_flex and "flex" not in args.variants:
+        parser.error("--save-flex saves the FlexAttention variant: add flex to --variants")
     transformers_logging.set_verbosity_warning()
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -440,13 +489,73 @@ def main(argv: list[str] | None = None) -> int:
         result["tower_pretrain_seconds"] = pretrain_seconds
         print(json.dumps(result), flush=True)
         results.append(result)
-        if variant == "flex" and args.save_flex:
-            model.save_pretrained(args.save_flex)
-            processor.save_pretrained(args.save_flex)
+        if variant == "flex":
+            flex_model, flex_processor = model, processor
     with open(os.path.join(args.output_dir, f"results_{args.eval_split}.json"), "w") as file:
         json.dump({"args": vars(args), "results": results}, file, indent=1)
-    print(format_table(results))
+    table = format_table(results)
+    print(table)
+    if args.save_flex:
+        save_flex_model(flex_model, flex_processor, args, results, table)
     return 0
+
+
+def without_auto_map(saved):
+    """A saved JSON value without its `auto_map` entries, at any depth (the processor nests its parts' configs)."""
+    if isinstance(saved, dict):
+        return {key: without_auto_map(value) for key, value in saved.items() if key != "auto_map"}
+    return [without_auto_map(value) for value in saved] if isinstance(saved, list) else saved
+
+
+def save_flex_model(model, processor: FlexLlavaProcessor, args, results: list[dict], table: str) -> None:
+    """Save the FlexAttention variant as `load_shipped_model` reads it: weights, config, processor, `task.json`
+    (the `make_sample` settings it was trained on, the command, every variant's figures) and a model card.
+
+    Without remote code: `save_pretrained` copies the plugin's modules into the folder for `trust_remote_code`, but
+    this model is shipped inside the plugin, whose classes load it; the copies would only go stale there. For the
+    Hub, `hf_flexattention.hub.push_to_hub` adds them back.
+    """
+    folder = Path(args.save_flex)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    for module in folder.glob("*.py"):
+        module.unlink()
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            saved = without_auto_map(json.loads(path.read_text()))
+            path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    command = "python examples/train_visual_search.py " + " ".join(args.argv)
+    task = {"sample_kwargs": sample_kwargs(args), "command": command, "results": results}
+    (folder / "task.json").write_text(json.dumps(task, indent=1) + "\n")
+    config = model.config
+    (folder / "README.md").write_text(
+        "---\nlibrary_name: hf_flexattention\npipeline_tag: image-text-to-text\n"
+        "tags: [hf_flexattention, flexattention, llava, visual-search, synthetic]\n---\n\n"
+        "# FlexAttention Llava trained on a synthetic visual-search task\n\n"
+        "A small Llava (CLIP tower 32 px / patch 4, 2 layers; Llama, "
+        f"{config.text_config.num_hidden_layers} layers, hidden {config.text_config.hidden_size}; vocabulary: the "
+        "task's words) with FlexAttention ([Li et al., ECCV 2024](https://arxiv.org/abs/2407.20228)) in its top "
+        f"{config.flex_n_fa} layers ({config.flex_selection} selection, threshold {config.flex_threshold:.4f}, zoom "
+        f"{config.flex_zoom}: {config.low_res_grid**2} low-res tokens in the sequence, {config.high_res_grid**2} "
+        'high-res tokens outside it). It answers "what letter is in the <colour> box ?" about images of '
+        "`hf_flexattention.visual_search.make_sample(split, index, **task.json's sample_kwargs)`, whose 4 px letter "
+        "cannot be read at low resolution. It is the default model of `python -m hf_flexattention.demo`.\n\n"
+        "## How to load\n\n"
+        "```python\nfrom hf_flexattention.visual_search import load_shipped_model\n\n"
+        "model, processor, task = load_shipped_model()\n```\n\n"
+        "or `FlexLlavaForConditionalGeneration.from_pretrained(folder)` and "
+        "`FlexLlavaProcessor.from_pretrained(folder)` (`hf_flexattention` must be installed: the folder holds no "
+        "remote code).\n\n"
+        "## Training and evaluation\n\n"
+        "Trained from scratch (the frozen vision tower was first taught the task's font on generic tiles, never a "
+        "task image) with\n\n"
+        f"```bash\n{command}\n```\n\n"
+        f"Figures on {results[0]['samples']} samples of the `{args.eval_split}` split, beside the stock low-res and "
+        "full high-res variants trained with the same seed, data and budget (time: `generate` on the CPU that "
+        "trained them):\n\n"
+        f"{table}\n"
+    )
 
 
 if __name__ == "__main__":
