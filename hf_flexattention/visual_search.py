@@ -17,9 +17,14 @@ Letters are drawn from a 4x4 bitmap font defined here (no system font, so images
 
     >>> sample = make_sample("train", 0)
     >>> sample.image.size, sample.question, sample.answer, sample.target_box
+
+The package ships a small FlexAttention Llava trained on this task by `examples/train_visual_search.py`
+(`SHIPPED_MODEL`; `load_shipped_model`): the demo's default model.
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -58,6 +63,9 @@ TARGET_FRAME = 8  # box side in high-res pixels: 1 px frame, 1 px margin, a 4 px
 # multiples of its 32 px input). Real text straddles patches; a tiny tower built in code reads whole patches.
 BOX_ALIGNMENT = 4
 TARGET_SQUARE = 6
+# The trained model shipped in the package: weights, processor, model card and `task.json` (the `make_sample`
+# settings it was trained on, and its figures on the test split).
+SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "visual_search"
 WORDS = (
     "USER: ASSISTANT: what letter is in the box ? colour small square options : "
     + " ".join(COLOURS)
@@ -314,3 +322,38 @@ __all__ = [
     "read_letter",
     "to_conversation",
 ]
+
+
+def load_shipped_model(device=None, dtype=None):
+    """The FlexAttention Llava trained on this task and shipped in the package, with its processor and task.
+
+    `examples/train_visual_search.py --save-flex` wrote it (see the README's visual-search section for the run and
+    its figures); it loads from `SHIPPED_MODEL` with `from_pretrained`, offline. Its vocabulary is the task's
+    words (`WORDS`) and its images are `zoom x 32` pixels (`zoom = 3`): ask it about samples drawn with
+    `make_sample(split, index, **task["sample_kwargs"])`.
+
+    Args:
+        device: torch device to load onto (default: the CPU).
+        dtype: torch dtype (default: float32, as trained).
+
+    Returns:
+        `(model, processor, task)`: a `FlexLlavaForConditionalGeneration` in eval mode, its `FlexLlavaProcessor`,
+        and the parsed `task.json` (`"sample_kwargs"` for `make_sample`, `"results"` of the training run).
+
+    Raises:
+        FileNotFoundError: when the package was installed without its data files (`SHIPPED_MODEL` is missing).
+    """
+    import torch
+
+    from .modeling_flex_llava import FlexLlavaForConditionalGeneration
+    from .processing_flex_llava import FlexLlavaProcessor
+
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The shipped visual-search model is missing from {SHIPPED_MODEL}: reinstall hf_flexattention from a "
+            "source that includes its package data (`pip install -e .` from the repository)."
+        )
+    model = FlexLlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL, dtype=dtype or torch.float32)
+    processor = FlexLlavaProcessor.from_pretrained(SHIPPED_MODEL)
+    task = json.loads((SHIPPED_MODEL / "task.json").read_text())
+    return model.to(device or "cpu").eval(), processor, task
