@@ -46,7 +46,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 import hf_flexattention  # noqa: E402
 from hf_flexattention import is_patched, patch_model, unpatch_model  # noqa: E402
 from hf_flexattention.counting import decode_step_counts  # noqa: E402
-from hf_flexattention.demo import DTYPES, TINY_PROMPT, build_prompt, make_test_image  # noqa: E402
+from hf_flexattention.demo import DTYPES, build_prompt, make_test_image  # noqa: E402
 from hf_flexattention.high_res import encode_high_res_features  # noqa: E402
 from hf_flexattention.loading import apply_settings, flex_settings, load_flex_model, load_flex_processor  # noqa: E402
 from hf_flexattention.shapes import SHAPES, shaped_llava_config  # noqa: E402
@@ -55,6 +55,8 @@ from hf_flexattention.tiny import build_tiny_llava, build_tiny_processor  # noqa
 
 VARIANTS = {"a": "stock, low-res tokens", "b": "FlexAttention", "c": "stock, all high-res tokens"}
 REAL_PROMPT = "Describe the image in detail."
+# A prompt in the tiny models' vocabulary (`hf_flexattention.tiny`).
+TINY_PROMPT = "USER: <image>\nwhat color is the text on the sign ? ASSISTANT:"
 # Shapes built in code: the tiny model of the tests, the same with LLaVA-1.5's image geometry (336 px / patch 14),
 # and released checkpoints in their exact shapes (random weights: build them on a GPU).
 TINY_SHAPES = {

@@ -1,10 +1,16 @@
 """Answer one question about one image with a FlexAttention Llava model, and show what it looked at.
 
-Without arguments it runs a tiny random model built in code on a drawn test image (no download, a few seconds on a
-CPU; the answer is random words, the point is the mechanics). With `--model` it runs a real Llava checkpoint:
+Without arguments it runs the small FlexAttention Llava that the package ships (trained by
+`examples/train_visual_search.py` on the synthetic visual-search task, `hf_flexattention.visual_search`; no
+download, a second on a CPU) on a test image of that task: it prints the question, the answer, the truth and the
+time, and writes pictures of the low-res attention and the selected high-res tokens (`--output`). With `--model`
+it runs a Llava checkpoint (a FlexAttention one, or a stock one patched on load):
 
-    python -m hf_flexattention.demo
+    python -m hf_flexattention.demo                       # the shipped model, test sample 0
+    python -m hf_flexattention.demo --sample 7            # another test sample
     python -m hf_flexattention.demo --model llava-hf/llava-1.5-7b-hf --image sign.jpg --prompt "What does it say?"
+
+The pictures need matplotlib (`pip install "hf_flexattention[viz]"`); without it the demo says so and writes none.
 """
 
 import argparse
@@ -15,13 +21,12 @@ from PIL import Image, ImageDraw
 
 from .loading import apply_settings, load_flex_model, load_flex_processor
 from .processing_flex_llava import FlexLlavaProcessor
+from .visual_search import load_shipped_model, make_sample
+from .visualize import save_pictures, trace_generation
 
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-TINY_PROMPT = "USER: <image>\nwhat color is the text on the sign ? ASSISTANT:"
-# The tiny language model has 4 layers: two FlexAttention layers, and one below them to select for the first.
-TINY_N_FA = 2
-DEFAULT_MAX_NEW_TOKENS = {"model": 32, "tiny": 8}
+DEFAULT_MAX_NEW_TOKENS = {"model": 32, "shipped": 8}
 
 
 def make_test_image(width: int = 120, height: int = 80) -> Image.Image:
@@ -36,39 +41,49 @@ def make_test_image(width: int = 120, height: int = 80) -> Image.Image:
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """`(model, processor)` used when no `--model` is given: a tiny random Llava built in code, patched with
-    FlexAttention (`TINY_N_FA` layers)."""
-    from .tiny import build_tiny_llava, build_tiny_processor
-
-    model = build_tiny_llava(dtype=dtype).to(device)
-    return apply_settings(model, {"n_fa": TINY_N_FA}), build_tiny_processor()
+    """`(model, processor)` used when no `--model` is given: the FlexAttention Llava shipped in the package
+    (`hf_flexattention.visual_search.load_shipped_model`)."""
+    model, processor, _ = load_shipped_model(device=device, dtype=dtype)
+    return model, processor
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of `python -m hf_flexattention.demo`."""
     parser = argparse.ArgumentParser(
         prog="python -m hf_flexattention.demo",
-        description="Generate an answer with a FlexAttention-patched Llava model and report the high-res tokens "
-        "each FlexAttention layer selected. Without --model: a tiny random model on a drawn image.",
+        description="Generate an answer with a FlexAttention Llava model and show the high-res tokens each "
+        "FlexAttention layer selected. Without --model: the model shipped in the package, on a test image of the "
+        "synthetic visual-search task it was trained on.",
     )
     parser.add_argument(
         "--model",
         help="Llava checkpoint (Hub id or local folder): a FlexAttention checkpoint keeps its trained hr projections "
         "and settings, a stock one is patched; needs --image and --prompt",
     )
-    parser.add_argument("--image", help="image file to ask about (default: a drawn test image)")
-    parser.add_argument("--prompt", help="question, or a full prompt holding <image> (default: a tiny-vocab question)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        help="shipped model: which test-split sample of the visual-search task to ask about (default: 0)",
+    )
+    parser.add_argument("--image", help="image file to ask about (default: the visual-search test sample)")
+    parser.add_argument("--prompt", help="question, or a full prompt holding <image> (default: the sample's question)")
     parser.add_argument(
         "--n-fa",
         type=int,
-        help="FlexAttention layers at the top (default: a FlexAttention checkpoint's own; else 23 of 32, tiny: 2)",
+        help="FlexAttention layers at the top (default: a FlexAttention checkpoint's own; else 23 of 32)",
     )
     parser.add_argument(
         "--threshold",
         type=float,
         help="selection threshold in [0, 1) (default: a FlexAttention checkpoint's own; else 48/255)",
     )
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: 32; tiny model: 8)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: 32; shipped model: 8)")
+    parser.add_argument(
+        "--output",
+        default="flex_selection.png",
+        help="where to write the selection pictures (PNG; two more files get _layers / _tokens suffixes)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: float16 on CUDA, else float32)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     return parser
@@ -99,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None and (args.image is None or args.prompt is None):
         parser.error("--model needs --image FILE and --prompt TEXT")
-    mode = "model" if args.model is not None else "tiny"
+    if args.sample < 0:
+        parser.error(f"--sample must be >= 0, got {args.sample}")
+    mode = "model" if args.model is not None else "shipped"
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[mode]
+    if max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    image = load_image(args.image, parser) if args.image is not None else make_test_image()
 
     settings = {"n_fa": args.n_fa, "threshold": args.threshold}
+    truth = None
     if mode == "model":
         try:
             # Loading straight onto the device avoids a full CPU copy of a multi-GB checkpoint.
@@ -113,23 +132,31 @@ def main(argv: list[str] | None = None) -> int:
             processor = load_flex_processor(args.model, zoom=model.config.flex_zoom)
         except (OSError, TypeError, ValueError) as error:
             parser.error(f"cannot load --model {args.model!r}: {error}")
+        image, question = load_image(args.image, parser), args.prompt
     else:
-        from .tiny import build_tiny_llava, build_tiny_processor
-
-        model = build_tiny_llava(dtype=dtype).to(device)
-        processor = build_tiny_processor()
+        model, processor, task = load_shipped_model(device=device, dtype=dtype)
         try:
-            apply_settings(model, {"n_fa": TINY_N_FA, **{k: v for k, v in settings.items() if v is not None}})
+            apply_settings(model, {k: v for k, v in settings.items() if v is not None})
         except (TypeError, ValueError) as error:
             parser.error(str(error))
+        sample = make_sample("test", args.sample, **task["sample_kwargs"])
+        image = load_image(args.image, parser) if args.image is not None else sample.image
+        question = args.prompt if args.prompt is not None else sample.question
+        if args.image is None and args.prompt is None:
+            truth = sample.answer
 
-    prompt = build_prompt(processor, args.prompt) if args.prompt is not None else TINY_PROMPT
+    prompt = build_prompt(processor, question)
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(device, dtype=dtype)
     config = model.config
     num_layers = config.text_config.num_hidden_layers
     high_res_tokens = config.high_res_grid**2
-    print(f"model:      {args.model or 'tiny random Llava (built in code)'} on {device}, {str(dtype).split('.')[-1]}")
-    print(f"image:      {args.image or 'drawn test image'} ({image.width}x{image.height})")
+    if mode == "model":
+        print(f"model:      {args.model} on {device}, {str(dtype).split('.')[-1]}")
+        print(f"image:      {args.image} ({image.width}x{image.height})")
+    else:
+        print(f"model:      the visual-search model shipped in the package on {device}, {str(dtype).split('.')[-1]}")
+        where = args.image or f"visual-search test sample {args.sample}"
+        print(f"image:      {where} ({image.width}x{image.height})")
     print(f"prompt:     {prompt!r}")
     print(
         f"settings:   n_fa={config.flex_n_fa} of {num_layers} layers, {config.flex_selection} selection (threshold "
@@ -137,10 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         f"prompt, {high_res_tokens} high-res tokens outside it"
     )
 
+    # Traced first: besides recording the selections, this run absorbs one-time costs so the timing excludes them.
+    pictures = trace_generation(model, processor, image, question, max_new_tokens)
     with torch.no_grad():
-        trace = []
-        # Besides the trace, this forward absorbs one-time costs so the generate timing below excludes them.
-        model(**inputs, flex_trace=trace)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -152,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     print(f"answer:     {answer!r}")
-    if mode == "tiny":
-        print("            (a random tiny model built in code: its answer is random words; --model runs a real one)")
-    print(f"generate:   {len(new_tokens)} tokens in {elapsed:.2f} s (greedy, KV cache)")
-    print("high-res tokens selected for the answer's first row (the prompt's last row):")
-    for layer, counts in trace:
-        selected = int(counts[0, 0])
-        print(f"  layer {layer:3d}: {selected:6d} / {high_res_tokens} ({selected / high_res_tokens:6.1%})")
+    if truth is not None:
+        print(f"truth:      {truth!r} ({'right' if answer == truth else 'wrong'})")
+    print(f"generate:   {len(new_tokens)} tokens in {elapsed * 1e3:.1f} ms (greedy, KV cache)")
+    print("high-res tokens selected for the answer's first token (the prompt's last row):")
+    for layer, (_, selected) in sorted(pictures.per_token[0].items()):
+        count = int(selected.sum())
+        print(f"  layer {layer:3d}: {count:6d} / {high_res_tokens} ({count / high_res_tokens:6.1%})")
+    try:
+        paths = save_pictures(pictures, args.output)
+    except ImportError as error:
+        print(f"pictures:   not written: {error}")
+    else:
+        print("pictures:   " + ", ".join(paths))
     return 0
 
 

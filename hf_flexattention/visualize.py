@@ -11,7 +11,7 @@ and the selection as outlines around the selected high-res cells. Three PNG file
 * `FILE_tokens.png`: one panel per generated token, aggregated over layers.
 
     python -m hf_flexattention.visualize --image photo.jpg --prompt "What is written on the sign?" --model PATH
-    python -m hf_flexattention.visualize --image photo.jpg --prompt "what is in the image ?"  # tiny random model
+    python -m hf_flexattention.visualize --image canvas.png --prompt "what letter is in the red box ?"  # shipped model
 
 Needs matplotlib: `pip install "hf_flexattention[viz]"`.
 """
@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="question, or a full prompt holding <image>")
     parser.add_argument(
         "--model",
-        help="checkpoint (Hub id or folder; a stock Llava is patched); default: a tiny random Llava built in code",
+        help="checkpoint (Hub id or folder; a stock Llava is patched); default: the visual-search model the package "
+        "ships (hf_flexattention.visual_search.load_shipped_model)",
     )
     parser.add_argument("--output", default="flex_selection.png", help="PNG path (default: flex_selection.png)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default: 8)")

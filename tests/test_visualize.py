@@ -133,7 +133,7 @@ def test_command_line_writes_three_pngs(tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     grey_image(61, 35).save(image_path)
     output = tmp_path / "pictures" / "sel.png"
-    argv = ["--image", str(image_path), "--prompt", "what is in the image ?", "--output", str(output)]
+    argv = ["--image", str(image_path), "--prompt", "what letter is in the red box ?", "--output", str(output)]
     assert main([*argv, "--max-new-tokens", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
     paths = [str(output), str(tmp_path / "pictures" / "sel_layers.png"), str(tmp_path / "pictures" / "sel_tokens.png")]
