@@ -465,6 +465,7 @@ def test_the_demo_runs_the_converted_checkpoint_with_its_trained_projections(
     assert_state_dicts_identical(load_flex_model(str(output)), reference)
     image = tmp_path / "image.png"
     make_image(1).save(image)
-    assert demo.main(["--model", str(output), "--image", str(image), "--prompt", "what is in the image ?"]) == 0
+    argv = ["--model", str(output), "--image", str(image), "--prompt", "what is in the image ?"]
+    assert demo.main([*argv, "--output", str(tmp_path / "selection.png")]) == 0
     n_fa = reference.config.flex_n_fa
     assert f"n_fa={n_fa} of {reference.config.text_config.num_hidden_layers} layers" in capsys.readouterr().out

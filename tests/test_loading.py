@@ -104,6 +104,7 @@ def test_the_demo_runs_a_flex_checkpoint_with_its_own_settings(flex_checkpoint, 
     image = tmp_path / "image.png"
     make_image(1).save(image)
     argv = ["--model", str(folder), "--image", str(image), "--prompt", "what is in the image ?"]
+    argv += ["--output", str(tmp_path / "selection.png")]
     assert demo.main([*argv, "--max-new-tokens", "2"]) == 0
     assert "n_fa=3 of 4 layers, threshold selection (threshold 0.3000)" in capsys.readouterr().out
     assert demo.main([*argv, "--max-new-tokens", "2", "--threshold", "0.6"]) == 0
