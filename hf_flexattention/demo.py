@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"answer:     {answer!r}")
     if truth is not None:
         print(f"truth:      {truth!r} ({'right' if answer == truth else 'wrong'})")
+        figures = {result["variant"]: result for result in task["results"]}
+        flex, low_res = figures["flex"], figures["low_res"]
+        print(
+            f"            (this model answers {flex['free_accuracy']:.1%} of {flex['samples']} {flex['split']} "
+            f"samples right; the low-res model trained alike, {low_res['free_accuracy']:.1%}; chance 12.5%)"
+        )
     print(f"generate:   {len(new_tokens)} tokens in {elapsed * 1e3:.1f} ms (greedy, KV cache)")
     print("high-res tokens selected for the answer's first token (the prompt's last row):")
     for layer, (_, selected) in sorted(pictures.per_token[0].items()):
