@@ -12,10 +12,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import logging
 
-from .attention import FlexAttentionConfig, base_implementation_name
+from .attention import FlexAttentionConfig, base_implementation_name, register_flex_attention
 from .configuration_flex_llava import SUPPORTED_BASE_ATTENTION
 from .quantization import high_res_projection
 from .selection import pool_cells, pooling_windows
@@ -83,6 +85,36 @@ def uninstall_flex_attention(model: nn.Module) -> None:
     text_config = model.config.text_config
     for layer in text_decoder_layers(model):
         layer.self_attn.config = text_config
+
+
+def register_flex_family(
+    config_class: type, model_class: type, stock_model_type: str, auto_classes: tuple = (AutoModelForImageTextToText,)
+) -> None:
+    """Register a FlexAttention family with transformers (run when its modeling file is imported).
+
+    The attention functions it routes to (remote code may import this family's file alone), the stock family's
+    checkpoint conversion mapping under the FlexAttention model type and class name, the config with `AutoConfig`,
+    the model with each of `auto_classes`, and both for `auto_map`, so saved checkpoints load with
+    `trust_remote_code=True` where the plugin is not installed. Registering twice (a re-import, or the plugin next to
+    remote code) is a no-op.
+    """
+    register_flex_attention()
+    for key in (config_class.model_type, model_class.__name__):
+        try:
+            register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping(stock_model_type))
+        except ValueError:  # already registered
+            pass
+    try:
+        AutoConfig.register(config_class.model_type, config_class)
+    except ValueError:
+        pass
+    for auto_class in auto_classes:
+        try:
+            auto_class.register(config_class, model_class)
+        except ValueError:
+            pass
+    config_class.register_for_auto_class("AutoConfig")
+    model_class.register_for_auto_class("AutoModelForImageTextToText")
 
 
 def distinct_images(*per_image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +343,27 @@ class FlexAttentionMixin:
                 f"`labels` has shape {tuple(labels.shape)} but the inputs have shape {tuple(tokens.shape[:2])}: "
                 "labels must align token by token with input_ids (-100 where no loss is wanted)."
             )
+
+    def _sequence_images(self, image_mask: torch.Tensor, n_images: int, images_name: str, hint: str) -> torch.Tensor:
+        """The `(batch,)` index of each sequence's image among the `n_images` given (-1: a text-only sequence), after
+        checking that every sequence holds 0 or exactly `g*g` image tokens and that the prompts hold `n_images`.
+
+        `images_name` names the input that holds the images; `hint` ends the token-count error with the fix.
+        """
+        tokens_per_image = self.config.low_res_grid**2
+        image_tokens = image_mask.sum(dim=1)
+        if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
+            raise ValueError(
+                f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (one image per sample), got "
+                f"{image_tokens.tolist()}. {hint}"
+            )
+        has_image = image_tokens > 0
+        if int(has_image.sum()) != n_images:
+            raise ValueError(
+                f"`{images_name}` holds {n_images} images but the prompts hold {int(has_image.sum())}: pass one image "
+                "per sample that has an image, in batch order."
+            )
+        return torch.where(has_image, has_image.long().cumsum(0) - 1, -1)
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """`(batch, length)` bool: where the image tokens are; in `inputs_embeds`, the rows equal to the image token's

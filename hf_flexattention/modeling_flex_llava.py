@@ -7,22 +7,16 @@ the config and model with the Auto classes, the attention functions, and the lla
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
     AutoModelForPreTraining,
     LlavaForConditionalGeneration,
 )
 from transformers.cache_utils import Cache
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import register_flex_attention
 from .configuration_flex_llava import FlexLlavaConfig
 from .high_res import encode_high_res_features, interpolate_rotary, rotary_table
 from .modeling_flex import (
@@ -30,6 +24,7 @@ from .modeling_flex import (
     build_flex_state,
     distinct_images,
     image_placement,
+    register_flex_family,
 )
 from .selection import inside_image, token_cells
 from .state import FlexState
@@ -144,26 +139,19 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
                 f"{self.config.flex_zoom} times the vision tower's {self.config.vision_config.image_size} px is "
                 f"{expected}: preprocess with FlexLlavaProcessor (same zoom) or re-patch with a matching zoom."
             )
-        tokens_per_image = self.config.low_res_grid**2
-        image_tokens = image_mask.sum(dim=1)
-        if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
-            raise ValueError(
-                f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (one image per sample), got "
-                f"{image_tokens.tolist()}. FlexAttention supports one image per sample: split multi-image samples."
-            )
-        has_image = image_tokens > 0
-        n_images = int(has_image.sum())
-        if high_res_pixel_values.shape[0] != n_images:
-            raise ValueError(
-                f"`high_res_pixel_values` holds {high_res_pixel_values.shape[0]} images but the prompts hold "
-                f"{n_images}: pass one high-res image per sample that has an image, in batch order."
-            )
+        n_images = high_res_pixel_values.shape[0]
+        sample_image = self._sequence_images(
+            image_mask,
+            n_images,
+            "high_res_pixel_values",
+            "FlexAttention supports one image per sample: split multi-image samples.",
+        )
         if original_image_sizes is not None and tuple(original_image_sizes.shape) != (n_images, 2):
             raise ValueError(
                 f"`original_image_sizes` must have shape ({n_images}, 2) of (height, width), got "
                 f"{tuple(original_image_sizes.shape)}."
             )
-        return torch.where(has_image, has_image.long().cumsum(0) - 1, -1)
+        return sample_image
 
     def _build_state(
         self,
@@ -289,30 +277,13 @@ class FlexLlavaForConditionalGeneration(FlexAttentionMixin, LlavaForConditionalG
         )
 
 
-def _register() -> None:
-    register_flex_attention()
-    for key in ("flex_llava", "FlexLlavaForConditionalGeneration"):
-        try:
-            register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping("llava"))
-        except ValueError:  # already registered: a re-import, or the plugin next to remote code
-            pass
-    try:
-        AutoConfig.register("flex_llava", FlexLlavaConfig)
-    except ValueError:
-        pass
-    # Every Auto class that maps `llava` to LlavaForConditionalGeneration. (Not AutoModel: its `llava` entry is the
-    # bare LlavaModel, which would load a FlexAttention checkpoint as a stock model without a word.)
-    for auto_class in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForPreTraining):
-        try:
-            auto_class.register(FlexLlavaConfig, FlexLlavaForConditionalGeneration)
-        except ValueError:
-            pass
-    # Saved checkpoints carry these files and an `auto_map`, so they load with trust_remote_code=True where the
-    # plugin is not installed.
-    FlexLlavaConfig.register_for_auto_class("AutoConfig")
-    FlexLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-
-
-_register()
+# Every Auto class that maps `llava` to LlavaForConditionalGeneration. (Not AutoModel: its `llava` entry is the bare
+# LlavaModel, which would load a FlexAttention checkpoint as a stock model without a word.)
+register_flex_family(
+    FlexLlavaConfig,
+    FlexLlavaForConditionalGeneration,
+    "llava",
+    (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForPreTraining),
+)
 
 __all__ = ["FlexLlavaForConditionalGeneration"]

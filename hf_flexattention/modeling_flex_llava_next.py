@@ -20,13 +20,8 @@ Shipped as remote code with saved checkpoints: torch, transformers, the standard
 """
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    LlavaNextForConditionalGeneration,
-)
+from transformers import LlavaNextForConditionalGeneration
 from transformers.cache_utils import Cache
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
@@ -37,7 +32,6 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import register_flex_attention
 from .configuration_flex_llava_next import FlexLlavaNextConfig
 from .high_res import interpolate_rotary, rotary_table
 from .modeling_flex import (
@@ -45,6 +39,7 @@ from .modeling_flex import (
     build_flex_state,
     distinct_images,
     image_placement,
+    register_flex_family,
 )
 from .selection import token_cells
 from .state import FlexState
@@ -173,22 +168,13 @@ class AnyResolutionFlexMixin(FlexAttentionMixin):
                 f"`image_sizes` must be a ({n_images}, 2) tensor of each image's (height, width), as the processor "
                 f"returns; got {getattr(image_sizes, 'shape', image_sizes)}."
             )
-        tokens_per_image = self.config.low_res_grid**2
-        image_tokens = image_mask.sum(dim=1)
-        if bool(((image_tokens != 0) & (image_tokens != tokens_per_image)).any()):
-            raise ValueError(
-                f"Each sequence must hold 0 or exactly {tokens_per_image} image tokens (the base image; one image per "
-                f"sample), got {image_tokens.tolist()}. Build prompts with {self.flex_processor_name}, which expands "
-                f"<image> to the base image's tokens only (the stock {self.flex_processor_name.removeprefix('Flex')} "
-                "also counts the crops)."
-            )
-        has_image = image_tokens > 0
-        if int(has_image.sum()) != n_images:
-            raise ValueError(
-                f"`pixel_values` holds {n_images} images but the prompts hold {int(has_image.sum())}: pass one image "
-                "per sample that has an image, in batch order."
-            )
-        return torch.where(has_image, has_image.long().cumsum(0) - 1, -1)
+        return self._sequence_images(
+            image_mask,
+            n_images,
+            "pixel_values",
+            f"Build prompts with {self.flex_processor_name}, which expands <image> to the base image's tokens only "
+            f"(the stock {self.flex_processor_name.removeprefix('Flex')} also counts the crops).",
+        )
 
     def _build_state(
         self,
@@ -373,26 +359,6 @@ class FlexLlavaNextForConditionalGeneration(AnyResolutionFlexMixin, LlavaNextFor
         )
 
 
-def _register() -> None:
-    # Loaded as remote code, this module is the only one imported: it must register the attention it routes to.
-    register_flex_attention()
-    for key in ("flex_llava_next", "FlexLlavaNextForConditionalGeneration"):
-        try:
-            register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping("llava_next"))
-        except ValueError:  # already registered: a re-import, or the plugin next to remote code
-            pass
-    try:
-        AutoConfig.register("flex_llava_next", FlexLlavaNextConfig)
-    except ValueError:
-        pass
-    try:
-        AutoModelForImageTextToText.register(FlexLlavaNextConfig, FlexLlavaNextForConditionalGeneration)
-    except ValueError:
-        pass
-    FlexLlavaNextConfig.register_for_auto_class("AutoConfig")
-    FlexLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-
-
-_register()
+register_flex_family(FlexLlavaNextConfig, FlexLlavaNextForConditionalGeneration, "llava_next")
 
 __all__ = ["FlexLlavaNextForConditionalGeneration"]

@@ -17,15 +17,14 @@ import re
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForImageTextToText, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.cache_utils import Cache
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import register_flex_attention
 from .configuration_flex_llava_onevision import FlexLlavaOnevisionConfig
+from .modeling_flex import register_flex_family
 from .modeling_flex_llava_next import AnyResolutionFlexMixin, check_servable
 
 
@@ -149,25 +148,6 @@ class FlexLlavaOnevisionForConditionalGeneration(AnyResolutionFlexMixin, LlavaOn
         )
 
 
-def _register() -> None:
-    register_flex_attention()  # loaded as remote code, this may be the only FlexAttention module imported
-    for key in ("flex_llava_onevision", "FlexLlavaOnevisionForConditionalGeneration"):
-        try:
-            register_checkpoint_conversion_mapping(key, get_checkpoint_conversion_mapping("llava_onevision"))
-        except ValueError:  # already registered: a re-import, or the plugin next to remote code
-            pass
-    try:
-        AutoConfig.register("flex_llava_onevision", FlexLlavaOnevisionConfig)
-    except ValueError:
-        pass
-    try:
-        AutoModelForImageTextToText.register(FlexLlavaOnevisionConfig, FlexLlavaOnevisionForConditionalGeneration)
-    except ValueError:
-        pass
-    FlexLlavaOnevisionConfig.register_for_auto_class("AutoConfig")
-    FlexLlavaOnevisionForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-
-
-_register()
+register_flex_family(FlexLlavaOnevisionConfig, FlexLlavaOnevisionForConditionalGeneration, "llava_onevision")
 
 __all__ = ["FlexLlavaOnevisionForConditionalGeneration"]
