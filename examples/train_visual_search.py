@@ -59,6 +59,7 @@ from hf_flexattention.tiny import word_level_processor
 from hf_flexattention.tracing import FlexTrace
 from hf_flexattention.training import HighResRampCallback
 from hf_flexattention.visual_search import COLOURS, LETTERS, WORDS, glyph_mask, make_sample, to_conversation
+from hf_flexattention.visualize import cell_map
 
 
 VARIANTS = ("low_res", "flex", "full_high_res")
@@ -313,8 +314,7 @@ def box_coverage(selected: torch.Tensor, box: tuple[int, int, int, int], image_s
     """The fraction of the box's pixels that lie in selected high-res tokens (`selected`: `(G*G,)` bool; the
     image is square, so there is no padding margin)."""
     grid = int(selected.numel() ** 0.5)
-    mask = selected.view(grid, grid).float()
-    pixels = torch.nn.functional.interpolate(mask[None, None], size=(image_side, image_side), mode="nearest")[0, 0]
+    pixels = cell_map(selected.view(grid, grid).numpy(), (image_side, image_side))
     left, top, right, bottom = box
     return float(pixels[top:bottom, left:right].mean())
 
@@ -328,8 +328,7 @@ def attention_lift(low_res_map: torch.Tensor, box: tuple[int, int, int, int], im
     the share of the image the threshold keeps.
     """
     grid = int(low_res_map.numel() ** 0.5)
-    cells = low_res_map.view(1, 1, grid, grid).float()
-    pixels = torch.nn.functional.interpolate(cells, size=(image_side, image_side), mode="nearest")[0, 0]
+    pixels = cell_map(low_res_map.view(grid, grid).double().numpy(), (image_side, image_side))
     left, top, right, bottom = box
     return float(pixels[top:bottom, left:right].mean() / pixels.mean())
 

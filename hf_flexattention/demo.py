@@ -40,13 +40,6 @@ def make_test_image(width: int = 120, height: int = 80) -> Image.Image:
     return image
 
 
-def load_default_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """`(model, processor)` used when no `--model` is given: the FlexAttention Llava shipped in the package
-    (`hf_flexattention.visual_search.load_shipped_model`)."""
-    model, processor, _ = load_shipped_model(device=device, dtype=dtype)
-    return model, processor
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of `python -m hf_flexattention.demo`."""
     parser = argparse.ArgumentParser(

@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; `argv` defaults to `sys.argv[1:]`. Returns the exit status."""
-    from .demo import load_default_model
     from .loading import load_flex_model, load_flex_processor
+    from .visual_search import load_shipped_model
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         parser.error(str(error))
     if args.model is None:
-        model, processor = load_default_model()
+        model, processor, _ = load_shipped_model()
     else:
         try:
             model = load_flex_model(args.model, families=("llava",))
