@@ -3,14 +3,11 @@ entry point does.
 
 A FlexAttention checkpoint (saved with `save_pretrained`, pushed, or made by `hf_flexattention.convert`) loads with
 its own class, so its trained `hr_k_proj` / `hr_v_proj` and its saved settings are kept; a stock checkpoint is loaded
-and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged
-warning; settings left unset never do.
+and patched. Settings given on purpose override a checkpoint's saved ones, each with a logged warning; settings left
+unset never do.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-)
+from transformers import AutoConfig, AutoProcessor
 from transformers.utils import logging
 
 from .configuration_flex_llava import released_n_fa

@@ -214,14 +214,14 @@ def patch_model(
     """Turn a loaded Llava model into a FlexAttention model, in place, and return it.
 
     Args:
-        model: a `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` (patch it before
-            `get_peft_model`). LLaVA-NeXT's high-res pool is its own any-resolution crops
-            (`FlexLlavaNextForConditionalGeneration`).
+        model: a `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` or
+            `LlavaOnevisionForConditionalGeneration` (patch it before `get_peft_model`). LLaVA-NeXT's and
+            LLaVA-OneVision's high-res pool is their own any-resolution crops.
         n_fa: number of FlexAttention layers at the top of the language model (`0` = patched but inert;
             the released LLaVA-1.5-7B model uses 23 of 32).
         threshold: normalised-attention threshold in [0, 1) (the official `48` means `48 / 255`).
         zoom: high-res side over the vision tower's input side (LLaVA-1.5; default 3: 1008 px for a 336 px tower).
-            LLaVA-NeXT has no zoom (its crops are the high-res view): leave it None.
+            LLaVA-NeXT and LLaVA-OneVision have no zoom (their crops are the high-res view): leave it None.
         selection: `"threshold"` (paper), `"topk"` (a budget: `topk_ratio` of the high-res tokens, in whole cells
             of the selection grid, the same number for every row) or `"random"`
             (ablation: each cell with probability `random_p`, seeded by `random_seed`).
@@ -237,11 +237,12 @@ def patch_model(
     re-configures it (layers that stop being FlexAttention layers lose their hr projections).
 
     Returns:
-        `model` itself, now a `FlexLlavaForConditionalGeneration` (or a `FlexLlavaNextForConditionalGeneration`).
+        `model` itself, now a `FlexLlavaForConditionalGeneration` (or `FlexLlavaNextForConditionalGeneration`,
+        `FlexLlavaOnevisionForConditionalGeneration`).
         A Llava model uses high-res tokens only when called with `high_res_pixel_values` (and
         `original_image_sizes`), which `FlexLlavaProcessor` makes; without them it computes what the stock model
-        does. A LLaVA-NeXT model takes the stock image processor's crops as its high-res tokens; its prompt holds
-        the base image's tokens only (`FlexLlavaNextProcessor`).
+        does. A LLaVA-NeXT / OneVision model takes the stock image processor's crops as its high-res tokens; its
+        prompt holds the base image's tokens only (`FlexLlavaNextProcessor` / `FlexLlavaOnevisionProcessor`).
 
     Cost: each FlexAttention layer gains two `hidden x kv_dim` projections (772M parameters, 1.44 GiB in fp16, for
     LLaVA-1.5-7B with `n_fa=23`), and generation keeps every image's high-res keys of each FlexAttention layer
